@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install vllm-zipar with the CPU build of vLLM and the test tools.
+# Idempotent: a stamp file records the pyproject.toml it installed, so repeated `make` runs are quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-cpu,test}
+STAMP="$VENV/.vllm-zipar-installed"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV"
+  python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+fi
+if [ -f "$STAMP" ] && cmp -s "$STAMP" pyproject.toml; then
+  exit 0
+fi
+echo "[install] installing vllm-zipar[$EXTRAS] into $VENV (about 2 minutes the first time)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+# The registry builds of these break `import vllm` next to torch 2.13.0+cpu; vLLM does not need them.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import vllm, vllm_zipar; print('[install] vllm', vllm.__version__, 'ok')"
+cp pyproject.toml "$STAMP"

@@ -1,0 +1,122 @@
+"""NTP through vLLM's own engine equals the reference oracle, token for token.
+
+Each engine loads a tiny random checkpoint written in the authors' `.pt` format; the oracle loads the same
+file with its own, independent implementation of the published architecture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage
+from tests.reference.decoders import ntp_decode
+from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
+from vllm_zipar.models.model_dir import write_random_model_dir
+from vllm_zipar.serving.offline import ImageGenerator
+
+pytestmark = pytest.mark.engine
+
+TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
+LABELS = list(range(8))
+
+
+def build(tmp_path_factory, name: str, **overrides):
+    model_dir = tmp_path_factory.mktemp(name)
+    config = write_random_model_dir(model_dir, with_vq=False, seed=11, **{**TINY, **overrides})
+    oracle = load_authors_checkpoint(
+        model_dir / "gpt.pt",
+        ReferenceLlamaGenConfig(
+            dim=config.dim,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            multiple_of=config.multiple_of,
+            num_classes=config.num_classes,
+            vocab_size=config.codebook_size,
+            block_size=config.grid_size**2,
+        ),
+    )
+    generator = ImageGenerator(
+        model_dir, max_num_seqs=16, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES, disable_log_stats=False
+    )
+    return generator, oracle
+
+
+@pytest.fixture(scope="module")
+def grid8(tmp_path_factory):
+    generator, oracle = build(tmp_path_factory, "grid8", grid_size=8)
+    yield generator, oracle
+    del generator
+
+
+def test_greedy_tokens_equal_the_oracle_for_eight_labels(grid8):
+    generator, oracle = grid8
+    results = generator.generate(LABELS, temperature=0.0)
+    for result in results:
+        expected, passes = ntp_decode(oracle, result.class_label, 8, 8)
+        assert passes == 64
+        assert torch.equal(result.tokens, expected), f"class {result.class_label}"
+    assert len({int(t) for r in results for t in r.tokens.flatten()}) > 40  # not collapsed to a few tokens
+    assert kv_cache_usage(generator) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_seeded_tokens_equal_the_oracle_for_eight_labels(grid8, seed):
+    generator, oracle = grid8
+    sampling = dict(temperature=1.0, top_k=100, top_p=0.95)
+    results = generator.generate(LABELS, seeds=[seed] * len(LABELS), **sampling)
+    for result in results:
+        expected, _ = ntp_decode(oracle, result.class_label, 8, 8, seed=seed, **sampling)
+        assert torch.equal(result.tokens, expected), f"class {result.class_label} seed {seed}"
+    greedy = generator.generate([LABELS[0]], temperature=0.0)[0]
+    assert not torch.equal(results[0].tokens, greedy.tokens)  # sampling really sampled
+    assert kv_cache_usage(generator) == 0.0
+
+
+def test_a_seeded_image_does_not_depend_on_its_batch(grid8):
+    generator, _ = grid8
+    alone = generator.generate([3], seeds=[77], temperature=1.0)[0]
+    crowd = generator.generate([5, 3, 3, 9], seeds=[1, 77, 78, 2], temperature=1.0)
+    assert torch.equal(crowd[1].tokens, alone.tokens)
+    assert not torch.equal(crowd[2].tokens, alone.tokens)
+
+
+def test_a_class_label_outside_the_range_is_refused_and_the_engine_keeps_serving(grid8):
+    generator, oracle = grid8
+    with pytest.raises(ValueError, match=r"class label 10 is outside \[0, 10\)"):
+        generator.generate([1, 10], temperature=0.0)
+    with pytest.raises(ValueError, match=r"class label -3 is outside \[0, 10\)"):
+        generator.generate([-3], temperature=0.0)
+    result = generator.generate([2], temperature=0.0)[0]
+    assert torch.equal(result.tokens, ntp_decode(oracle, 2, 8, 8)[0])
+    assert kv_cache_usage(generator) == 0.0
+
+
+def test_greedy_tokens_equal_the_oracle_on_a_24x24_grid(tmp_path_factory):
+    generator, oracle = build(tmp_path_factory, "grid24", grid_size=24)
+    result = generator.generate([4], temperature=0.0)[0]
+    expected, passes = ntp_decode(oracle, 4, 24, 24)
+    assert passes == 576
+    assert torch.equal(result.tokens, expected)
+
+
+def test_padded_heads_of_size_100_give_the_unpadded_oracle_logits(tmp_path_factory):
+    # GPT-3B's head dim is 100, which the CPU kernel lacks: the engine pads to 112 with zero channels.
+    generator, oracle = build(tmp_path_factory, "head100", grid_size=8, dim=200, n_head=2)
+    assert generator.config.rope_head_dim == 100 and generator.config.head_dim == 112
+    params = generator.sampling_params(temperature=0.0)
+    params.logprobs = 0
+    output = generator.llm.generate(
+        [{"prompt_token_ids": [generator.config.class_token_id(6)]}], params, use_tqdm=False
+    )[0].outputs[0]
+    tokens = torch.tensor(output.token_ids)
+    assert torch.equal(tokens.view(8, 8), ntp_decode(oracle, 6, 8, 8)[0])
+    # Teacher-forced: the oracle's log-probability of each chosen token, against the engine's.
+    n = tokens.numel()
+    attend = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    logits = oracle.forward_tokens(6, tokens[:-1], torch.arange(1, n), attend)
+    oracle_logprobs = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    steps = zip(output.logprobs, tokens.tolist(), strict=True)
+    engine_logprobs = torch.tensor([step[token].logprob for step, token in steps])
+    gap = (engine_logprobs - oracle_logprobs).abs().max()
+    assert gap < 1e-4, gap

@@ -1,0 +1,114 @@
+"""Model directories: the authors' checkpoint files plus our `config.json`.
+
+`init_model_dir` writes the config for a pair of authors' files (inferring the GPT size from the weights
+where the presets allow); `write_random_model_dir` writes a complete directory of random weights in the real
+formats, for tests and for `make demo` until a trained demo model ships.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vllm_zipar.models.llamagen_checkpoint import (
+    check_gpt_state_dict,
+    load_gpt_state_dict,
+    random_gpt_state_dict,
+    save_gpt_checkpoint,
+)
+from vllm_zipar.models.llamagen_config import GPT_PRESETS, LlamaGenConfig
+
+CONFIG_NAME = "config.json"
+
+
+def save_config(config: LlamaGenConfig, model_dir: str | Path) -> Path:
+    path = Path(model_dir) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.to_dict()
+    for key in ("transformers_version", "_name_or_path"):
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_config(model_dir: str | Path) -> LlamaGenConfig:
+    data = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+    data.pop("model_type", None)
+    return LlamaGenConfig(**data)
+
+
+def infer_gpt_model(state: dict[str, Any]) -> str | None:
+    """The authors' preset whose (dim, layers) match the weights, if exactly one does."""
+    dim = state["tok_embeddings.weight"].shape[1]
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    matches = [name for name, p in GPT_PRESETS.items() if p["dim"] == dim and p["n_layer"] == n_layer]
+    return matches[0] if len(matches) == 1 else None
+
+
+def init_model_dir(
+    model_dir: str | Path,
+    gpt_checkpoint: str,
+    vq_checkpoint: str,
+    *,
+    image_size: int,
+    downsample: int = 16,
+    gpt_model: str | None = None,
+    **overrides: Any,
+) -> LlamaGenConfig:
+    """Write config.json for the authors' GPT and VQ files (paths relative to `model_dir`), checking them."""
+    model_dir = Path(model_dir)
+    state = load_gpt_state_dict(model_dir / gpt_checkpoint)
+    if gpt_model is None and "n_head" not in overrides:
+        gpt_model = infer_gpt_model(state)
+        if gpt_model is None:
+            raise ValueError(
+                f"{gpt_checkpoint}: its size matches no single preset of {sorted(GPT_PRESETS)}; "
+                "pass gpt_model or the dimensions (dim, n_layer, n_head)"
+            )
+    if gpt_model is None:
+        overrides.setdefault("dim", state["tok_embeddings.weight"].shape[1])
+        overrides.setdefault("n_layer", len({k.split(".")[1] for k in state if k.startswith("layers.")}))
+    overrides.setdefault("codebook_size", state["tok_embeddings.weight"].shape[0])
+    overrides.setdefault("num_classes", state["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    if image_size % downsample:
+        raise ValueError(f"image_size {image_size} is not a multiple of downsample {downsample}")
+    config = LlamaGenConfig(
+        gpt_model=gpt_model,
+        grid_size=image_size // downsample,
+        downsample=downsample,
+        gpt_checkpoint=gpt_checkpoint,
+        vq_checkpoint=vq_checkpoint,
+        **overrides,
+    )
+    check_gpt_state_dict(state, config, model_dir / gpt_checkpoint)
+    if not (model_dir / vq_checkpoint).is_file():
+        raise FileNotFoundError(f"VQ checkpoint {model_dir / vq_checkpoint} does not exist")
+    save_config(config, model_dir)
+    return config
+
+
+def write_random_model_dir(
+    model_dir: str | Path,
+    *,
+    seed: int = 0,
+    layout: str = "model",
+    std: float = 0.25,
+    with_vq: bool = True,
+    vq_config: dict[str, Any] | None = None,
+    **config_kwargs: Any,
+) -> LlamaGenConfig:
+    """A complete model directory of random weights in the authors' formats (GPT `.pt`, VQ `.pt`, config)."""
+    model_dir = Path(model_dir)
+    config = LlamaGenConfig(
+        gpt_checkpoint="gpt.pt", vq_checkpoint="vq.pt", vq_config=vq_config, **config_kwargs
+    )
+    save_gpt_checkpoint(
+        random_gpt_state_dict(config, seed=seed, std=std), model_dir / "gpt.pt", layout, config
+    )
+    if with_vq:
+        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, write_random_vq_checkpoint
+
+        write_random_vq_checkpoint(model_dir / "vq.pt", LlamaGenVQConfig(**config.vq_config), seed=seed)
+    save_config(config, model_dir)
+    return config

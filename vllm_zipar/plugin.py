@@ -1,0 +1,24 @@
+"""vLLM general plugin: makes vLLM understand our model directories in every process it starts.
+
+vLLM calls `register()` (entry point `vllm.general_plugins`) in the front-end, the engine core and each
+worker before it reads a config. It registers the `llamagen` config type with transformers' AutoConfig and
+the model classes with vLLM's ModelRegistry by "module:Class" string, so nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+MODEL_CLASSES = {
+    "LlamaGenForImageGeneration": "vllm_zipar.models.llamagen:LlamaGenForImageGeneration",
+}
+
+
+def register() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from vllm_zipar.models.llamagen_config import LlamaGenConfig
+
+    AutoConfig.register(LlamaGenConfig.model_type, LlamaGenConfig, exist_ok=True)
+    for arch, target in MODEL_CLASSES.items():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, target)
