@@ -37,7 +37,11 @@ def build(tmp_path_factory, name: str, **overrides):
         ),
     )
     generator = ImageGenerator(
-        model_dir, max_num_seqs=16, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES, disable_log_stats=False
+        model_dir,
+        decoding="ntp",
+        max_num_seqs=16,
+        kv_cache_memory_bytes=TEST_KV_CACHE_BYTES,
+        disable_log_stats=False,
     )
     return generator, oracle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 CPU_WORKER_CLS = "vllm_zipar.engine.worker.ZipARCPUWorker"
 GPU_WORKER_CLS = "vllm_zipar.engine.worker.ZipARGPUWorker"
+SCHEDULER_CLS = "vllm_zipar.engine.scheduler.ZipARScheduler"
 
 
 def worker_cls_name() -> str:

@@ -1,55 +1,161 @@
-"""Model-runner subclasses: vLLM's own CPU and GPU runners with position-keyed cell sampling.
+"""Model-runner subclasses: vLLM's own CPU and GPU runners, feeding image requests pass by pass.
 
-Only `_sample` changes: every request's predicted cell is sampled by `vllm_zipar.engine.sampling`, keyed by
-(request seed, raster position of the cell), so a seeded image never depends on batch composition. The
-position of the cell a request predicts this step is its token count so far (prompt + decoded tokens, as
-vLLM's input batch records it), which is the raster index of that cell for NTP.
+For each image request our scheduler sends `ImageStepInputs` on the `SchedulerOutput`. The runner then:
+- writes the scheduled input ids into the persistent batch (`_update_states`): vLLM's runner only knows
+  the tokens it sampled, but an image feeds the *plan's* inputs (newest token per row, proxies, ...);
+- overwrites the positions of those tokens with their raster positions after vLLM computed the slot
+  mapping from the contiguous ones (`_prepare_inputs`), so KV stays in feed order and RoPE sees the grid;
+- samples exactly the planned cells, several per request (`logits_indices`, `_sample`), each with
+  position-keyed noise so a seeded image never depends on batch composition;
+- hands the attention backend, per step, what the ZipAR mask needs (`_build_attention_metadata`).
+Requests without a plan (none today) keep vLLM's behaviour, with position-keyed sampling.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_zipar.engine.attention_mask import ImageKeyMetadata, ZipARAttentionInputs
 from vllm_zipar.engine.sampling import sample_cells
+from vllm_zipar.engine.step_inputs import ImageStepInputs
+
+PLACEHOLDER_TOKEN_ID = -1
 
 
-class PositionKeyedSamplingMixin:
-    """Replaces GPUModelRunner._sample (vLLM 0.32) for requests without speculative drafts."""
+class ZipARRunnerMixin:
+    """Overrides of GPUModelRunner (vLLM 0.32): `_update_states`, `_prepare_inputs`, `_sample`,
+    `_build_attention_metadata`. See vllm_zipar/patches/README.md for the internals relied on."""
+
+    def _zipar_init(self) -> None:
+        self.image_keys: dict[str, ImageKeyMetadata] = {}
+        self._step_plans: dict[str, ImageStepInputs] = {}
+        self._step_samples: list[tuple[int, int, int]] = []  # (request index, logits row, cell position)
+        self._step_attention: ZipARAttentionInputs | None = None
+
+    def _update_states(self, scheduler_output):  # type: ignore[override]
+        result = super()._update_states(scheduler_output)  # type: ignore[misc]
+        for req_id in scheduler_output.finished_req_ids:
+            self.image_keys.pop(req_id, None)
+        plans: dict[str, ImageStepInputs] = getattr(scheduler_output, "zipar_inputs", {})
+        self._step_plans = plans
+        batch = self.input_batch  # type: ignore[attr-defined]
+        for req_id, plan in plans.items():
+            index = batch.req_id_to_index[req_id]
+            end = plan.start + len(plan.token_ids)
+            batch.token_ids_cpu[index, plan.start : end] = plan.token_ids
+            batch.is_token_ids[index, plan.start : end] = True
+            batch.num_tokens_no_spec[index] = end
+            state = self.requests[req_id]  # type: ignore[attr-defined]
+            num_prompt = len(state.prompt_token_ids)
+            if end > num_prompt:
+                outputs = state.output_token_ids
+                first = max(plan.start, num_prompt)
+                del outputs[first - num_prompt :]
+                outputs.extend(plan.token_ids[first - plan.start :])
+            keys = self.image_keys.setdefault(req_id, ImageKeyMetadata())
+            keys.write(plan.start, plan.positions, plan.steps, plan.proxy)
+        return result
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[override]
+        logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(  # type: ignore[misc]
+            scheduler_output, num_scheduled_tokens
+        )
+        plans = self._step_plans
+        if not plans or spec_decode_metadata is not None:
+            self._step_samples = []
+            self._step_attention = None
+            return logits_indices, spec_decode_metadata, max_sampled
+        batch = self.input_batch  # type: ignore[attr-defined]
+        num_reqs = batch.num_reqs
+        query_start = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(num_scheduled_tokens[:num_reqs], out=query_start[1:])
+        positions = self.positions  # type: ignore[attr-defined]
+        rows: list[int] = []
+        samples: list[tuple[int, int, int]] = []
+        attention = ZipARAttentionInputs()
+        for index, req_id in enumerate(batch.req_ids[:num_reqs]):
+            plan = plans.get(req_id)
+            first = int(query_start[index])
+            if plan is None:
+                rows.append(int(query_start[index + 1]) - 1)
+                samples.append((index, len(rows) - 1, int(batch.num_tokens_no_spec[index])))
+                continue
+            count = len(plan.token_ids)
+            positions[first : first + count] = torch.as_tensor(plan.positions, dtype=positions.dtype)
+            for offset, cell in zip(plan.sample_offsets, plan.sample_positions, strict=True):
+                rows.append(first + offset)
+                samples.append((index, len(rows) - 1, cell))
+            if not plan.sample_offsets:
+                # A chunk that completes no pass: vLLM discards whatever is sampled for it.
+                rows.append(first + count - 1)
+                samples.append((index, len(rows) - 1, -1))
+            attention.add(index, req_id, first, plan.start, count, self.image_keys[req_id])
+        self._step_samples = samples
+        self._step_attention = attention if attention.requests else None
+        max_cells = max(
+            (sum(1 for s in samples if s[0] == i) for i in range(num_reqs)), default=1
+        )
+        device_indices = torch.tensor(rows, dtype=logits_indices.dtype, device=logits_indices.device)
+        return device_indices, None, max_cells
+
+    def _build_attention_metadata(self, *args, **kwargs):  # type: ignore[override]
+        attn_metadata, spec_common = super()._build_attention_metadata(*args, **kwargs)  # type: ignore[misc]
+        attention = self._step_attention
+        if attention is not None and isinstance(attn_metadata, dict):
+            for metadata in {id(m): m for m in attn_metadata.values()}.values():
+                metadata.zipar = attention
+        return attn_metadata, spec_common
 
     def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: object) -> SamplerOutput:
         if spec_decode_metadata is not None or logits is None:
             return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         batch = self.input_batch  # type: ignore[attr-defined]
-        num_reqs = logits.shape[0]
-        temperatures, top_ks, top_ps, seeds, positions = [], [], [], [], []
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            params = self.requests[req_id].sampling_params  # type: ignore[attr-defined]
-            temperatures.append(float(params.temperature))
-            top_ks.append(int(params.top_k) if params.top_k and params.top_k > 0 else 0)
-            top_ps.append(float(params.top_p))
-            seeds.append(params.seed)
-            positions.append(int(batch.num_tokens_no_spec[i]))
-        tokens = sample_cells(logits, temperatures, top_ks, top_ps, seeds, positions)
-        sampled = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
+        num_reqs = batch.num_reqs
+        samples = self._step_samples or [
+            (i, i, int(batch.num_tokens_no_spec[i])) for i in range(num_reqs)
+        ]
+        params = [self.requests[req_id].sampling_params for req_id in batch.req_ids[:num_reqs]]  # type: ignore
+        tokens = sample_cells(
+            logits,
+            [float(params[i].temperature) for i, _, _ in samples],
+            [int(params[i].top_k) if params[i].top_k and params[i].top_k > 0 else 0 for i, _, _ in samples],
+            [float(params[i].top_p) for i, _, _ in samples],
+            [params[i].seed for i, _, _ in samples],
+            [cell for _, _, cell in samples],
+        )
+        per_request: list[list[int]] = [[] for _ in range(num_reqs)]
+        for (index, _, _), token in zip(samples, tokens, strict=True):
+            per_request[index].append(token)
+        width = max((len(row) for row in per_request), default=1)
+        sampled = torch.full((num_reqs, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+        for index, row in enumerate(per_request):
+            sampled[index, : len(row)] = torch.tensor(row, dtype=torch.int32)
         logprobs = None
         num_logprobs = batch.sampling_metadata.max_num_logprobs
         if num_logprobs is not None:
+            if width != 1:
+                raise NotImplementedError("logprobs are supported for one sampled cell per step only")
             # vLLM's default logprobs mode: raw log-probabilities of the model, before any processing.
             raw = logits.float().log_softmax(dim=-1)
             if num_logprobs == -1:
                 num_logprobs = raw.shape[-1]
-            logprobs = self.sampler.gather_logprobs(raw, num_logprobs, token_ids=sampled)  # type: ignore
-        return SamplerOutput(
-            sampled_token_ids=sampled.to(torch.int32).unsqueeze(-1), logprobs_tensors=logprobs
-        )
+            logprobs = self.sampler.gather_logprobs(  # type: ignore[attr-defined]
+                raw, num_logprobs, token_ids=torch.tensor(tokens, dtype=torch.int64)
+            )
+        return SamplerOutput(sampled_token_ids=sampled.to(logits.device), logprobs_tensors=logprobs)
 
 
-class ZipARCPUModelRunner(PositionKeyedSamplingMixin, CPUModelRunner):
-    pass
+class ZipARCPUModelRunner(ZipARRunnerMixin, CPUModelRunner):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._zipar_init()
 
 
-class ZipARGPUModelRunner(PositionKeyedSamplingMixin, GPUModelRunner):
-    pass
+class ZipARGPUModelRunner(ZipARRunnerMixin, GPUModelRunner):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._zipar_init()

@@ -34,6 +34,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
+from vllm_zipar.engine.attention import zipar_attention_backend
 from vllm_zipar.models.llamagen_checkpoint import check_gpt_state_dict, unwrap_authors_layout
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 
@@ -94,6 +95,7 @@ class LlamaGenAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn",
+            attn_backend=zipar_attention_backend(),
         )
 
     def _to_kernel_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -123,7 +123,9 @@ class LlamaGenConfig(PretrainedConfig):
         self.rope_head_dim = self.dim // self.n_head
         self.head_dim = kernel_head_size(self.rope_head_dim)
         self.vocab_size = self.codebook_size
-        self.max_position_embeddings = self.cls_token_num + self.grid_size**2
+        # vLLM reads this as the longest KV sequence. A ZipAR request feeds every cell once plus, per row, at
+        # most one proxy and one completion feed, so its sequence can exceed prompt + H·W by 2·H.
+        self.max_position_embeddings = self.cls_token_num + self.grid_size**2 + 2 * self.grid_size
         self.intermediate_size = self.ffn_hidden_dim
         self.tie_word_embeddings = False
 

@@ -1,0 +1,85 @@
+"""ZipAR inside vLLM's V1 engine equals the reference ZipAR decoder, token for token.
+
+One engine per grid size; every request picks its decoding through `SamplingParams.extra_args`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage
+from tests.reference.decoders import ntp_decode, zipar_decode
+from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
+from vllm_zipar.models.model_dir import write_random_model_dir
+from vllm_zipar.serving.offline import ImageGenerator
+
+pytestmark = pytest.mark.engine
+
+TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
+SAMPLING = dict(temperature=1.0, top_k=100, top_p=0.95)
+
+
+def build(tmp_path_factory, name: str, grid: int, **engine_kwargs):
+    model_dir = tmp_path_factory.mktemp(name)
+    config = write_random_model_dir(model_dir, with_vq=False, seed=5, grid_size=grid, **TINY)
+    oracle = load_authors_checkpoint(
+        model_dir / "gpt.pt",
+        ReferenceLlamaGenConfig(
+            dim=config.dim, n_layer=config.n_layer, n_head=config.n_head, multiple_of=config.multiple_of,
+            num_classes=config.num_classes, vocab_size=config.codebook_size, block_size=grid**2,
+        ),
+    )
+    kwargs = dict(max_num_seqs=16, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES, disable_log_stats=False)
+    kwargs.update(engine_kwargs)
+    return ImageGenerator(model_dir, **kwargs), oracle
+
+
+def reference(oracle, label, grid, window, seed=None):
+    sampling = SAMPLING if seed is not None else {}
+    if window is None:
+        return ntp_decode(oracle, label, grid, grid, seed=seed, **sampling)[0]
+    return zipar_decode(oracle, label, grid, grid, window, seed=seed, **sampling)[0]
+
+
+@pytest.fixture(scope="module")
+def grid8(tmp_path_factory):
+    return build(tmp_path_factory, "zipar8", 8)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 7, 8, 11])
+def test_greedy_and_seeded_tokens_equal_the_reference_on_8x8(grid8, window):
+    generator, oracle = grid8
+    greedy = generator.generate([1, 6], temperature=0.0, zipar_window=window)
+    seeded = generator.generate([3, 6], seeds=[21, 4], zipar_window=window, **SAMPLING)
+    for result in greedy:
+        assert torch.equal(result.tokens, reference(oracle, result.class_label, 8, window)), result
+    for result in seeded:
+        expected = reference(oracle, result.class_label, 8, window, seed=result.seed)
+        assert torch.equal(result.tokens, expected), result
+    assert kv_cache_usage(generator) == 0.0
+
+
+def test_window_of_at_least_the_width_gives_the_ntp_tokens(grid8):
+    generator, oracle = grid8
+    ntp = generator.generate([2, 5], seeds=[8, 9], decoding="ntp", **SAMPLING)
+    for window in (8, 9, 30):
+        wide = generator.generate([2, 5], seeds=[8, 9], zipar_window=window, **SAMPLING)
+        for a, b in zip(ntp, wide, strict=True):
+            assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(ntp[0].tokens, reference(oracle, 2, 8, None, seed=8))
+
+
+def test_a_small_window_really_changes_the_image(grid8):
+    generator, _ = grid8
+    ntp = generator.generate([7], temperature=0.0, decoding="ntp")[0]
+    zipar = generator.generate([7], temperature=0.0, zipar_window=1)[0]
+    assert not torch.equal(ntp.tokens, zipar.tokens)
+    assert torch.equal(ntp.tokens[:2], zipar.tokens[:2])  # rows 0 and 1 see exactly NTP's context
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "3", True])
+def test_invalid_windows_are_refused_with_a_clear_message(grid8, bad):
+    generator, _ = grid8
+    with pytest.raises(ValueError, match="zipar_window must be an integer >= 1"):
+        generator.generate([1], temperature=0.0, zipar_window=bad)

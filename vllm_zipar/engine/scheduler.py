@@ -1,0 +1,178 @@
+"""The ZipAR scheduler: vLLM's own V1 scheduler, told which grid cells each image feeds per step.
+
+Every image request is driven by a pure-Python `ZipARPlan` (layer 1). Each step:
+- `schedule()` runs vLLM's scheduler, then attaches to the `SchedulerOutput` the raster positions, feed
+  steps, proxy flags and sampled indices of each image's scheduled tokens (`ImageStepInputs`); it keeps a
+  pass from being split across steps by the token budget (see `_hold_back_unfittable` / `_trim_chunks`).
+- `update_from_output()` hands the sampled cells to the decoder and replaces them, in the runner's output,
+  by the *inputs of the next pass*, so vLLM appends those as output tokens and schedules exactly them next
+  step, like a small chunked prefill. KV allocation, preemption and freeing stay vLLM's.
+
+When an image is complete its last pass's sampled cells are appended as the final output tokens and the
+request stops at `max_tokens`, which `add_request` sets to the exact length of the image's feed sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+
+from vllm_zipar.engine.request_config import image_decoding_for
+from vllm_zipar.engine.step_inputs import ImageStepInputs
+from vllm_zipar.zipar.plan import FeedKind, FedInput, ZipARPlan
+
+
+@dataclass
+class ImageRequestState:
+    plan: ZipARPlan
+    # Index in the feed history where the pass now waiting to run begins, and the indices of its inputs whose
+    # logits are sampled.
+    pending_start: int = 0
+    pending_sampled: list[int] = field(default_factory=list)
+
+    def set_pending(self, inputs: list[FedInput]) -> None:
+        end = self.plan.num_fed
+        self.pending_start = end - len(inputs)
+        self.pending_sampled = [
+            self.pending_start + i for i, fed in enumerate(inputs) if fed.predicts is not None
+        ]
+
+    @property
+    def first_split_point(self) -> int:
+        """Chunks may end at or before this index (or at the end of the history), never inside the pass."""
+        return self.pending_sampled[0] if self.pending_sampled else self.plan.num_fed
+
+
+class ZipARScheduler(Scheduler):
+    """vLLM 0.32 `Scheduler` that schedules image requests pass by pass from their ZipAR plans."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.images: dict[str, ImageRequestState] = {}
+
+    # -- admission -------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        decoding = image_decoding_for(request.sampling_params, self.vllm_config)
+        layout = decoding.layout(self.vllm_config.model_config.hf_config, len(request.prompt_token_ids))
+        plan = ZipARPlan(layout, decoding.window)
+        state = ImageRequestState(plan)
+        state.set_pending(plan.prefill_inputs(list(request.prompt_token_ids)))
+        # The request's output tokens are every input fed after the prompt plus the last pass's cells.
+        request.max_tokens = decoding.num_output_tokens(layout)
+        self.images[request.request_id] = state
+        super().add_request(request)
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        held = self._hold_back_unfittable()
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self._restore_held(held)
+        self._trim_chunks(output)
+        output.zipar_inputs = self._step_inputs(output)  # type: ignore[attr-defined]
+        return output
+
+    def _hold_back_unfittable(self) -> list[tuple[int, Request]]:
+        """Take out of `running`, for this step only, images whose next pass would not fit the budget.
+
+        vLLM's scheduler gives a running request `min(needed, budget left)` tokens; for an image that would
+        cut a pass in two and lose the samples of its first part. Held requests keep their KV blocks.
+        """
+        budget = self.max_num_scheduled_tokens
+        held: list[tuple[int, Request]] = []
+        kept: list[Request] = []
+        for index, request in enumerate(self.running):
+            needed = request.num_tokens_with_spec - request.num_computed_tokens
+            state = self.images.get(request.request_id)
+            if state is not None and needed > budget:
+                cut = request.num_computed_tokens + budget
+                if cut < state.plan.num_fed and cut > state.first_split_point or budget <= 0:
+                    held.append((index, request))
+                    continue
+            budget -= min(needed, budget)
+            kept.append(request)
+        if held:
+            self.running[:] = kept
+        return held
+
+    def _restore_held(self, held: list[tuple[int, Request]]) -> None:
+        for index, request in held:
+            self.running.insert(min(index, len(self.running)), request)
+
+    def _trim_chunks(self, output: SchedulerOutput) -> None:
+        """End a (re)computed image's chunk before its pending pass when the budget would cut the pass."""
+        for req_id, num in list(output.num_scheduled_tokens.items()):
+            state = self.images.get(req_id)
+            if state is None:
+                continue
+            request = self.requests[req_id]
+            end = request.num_computed_tokens
+            start = end - num
+            if end >= state.plan.num_fed or end <= state.first_split_point:
+                continue
+            keep = state.first_split_point - start
+            if keep <= 0:
+                raise RuntimeError(
+                    f"request {req_id}: a ZipAR pass of {state.plan.num_fed - state.pending_start} tokens "
+                    f"does not fit max_num_batched_tokens={self.max_num_scheduled_tokens}"
+                )
+            cut = num - keep
+            output.num_scheduled_tokens[req_id] = keep
+            output.total_num_scheduled_tokens -= cut
+            request.num_computed_tokens -= cut
+            request.num_in_flight_tokens -= cut
+            request.is_prefill_chunk = True
+
+    def _step_inputs(self, output: SchedulerOutput) -> dict[str, ImageStepInputs]:
+        plans: dict[str, ImageStepInputs] = {}
+        for req_id, num in output.num_scheduled_tokens.items():
+            state = self.images.get(req_id)
+            if state is None:
+                continue
+            end = self.requests[req_id].num_computed_tokens
+            start = end - num
+            fed = state.plan.fed(start, end)
+            completes_pass = end == state.plan.num_fed
+            sampled = state.pending_sampled if completes_pass else []
+            plans[req_id] = ImageStepInputs(
+                start=start,
+                token_ids=[f.token for f in fed],
+                positions=[f.position for f in fed],
+                steps=[f.step for f in fed],
+                proxy=[f.kind is FeedKind.PROXY for f in fed],
+                sample_offsets=[i - start for i in sampled],
+                sample_positions=[fed[i - start].predicts for i in sampled],
+            )
+        return plans
+
+    # -- results ---------------------------------------------------------------------------------------
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ):
+        plans: dict[str, ImageStepInputs] = getattr(scheduler_output, "zipar_inputs", {})
+        sampled_all = model_runner_output.sampled_token_ids
+        for req_id, plan in plans.items():
+            state = self.images.get(req_id)
+            index = model_runner_output.req_id_to_index.get(req_id)
+            if state is None or index is None or not plan.sample_offsets or not sampled_all:
+                continue
+            cells = list(sampled_all[index])
+            if len(cells) != len(plan.sample_offsets):
+                continue  # discarded (e.g. the request was aborted while running)
+            state.plan.record(cells)
+            next_inputs = state.plan.next_inputs()
+            if next_inputs:
+                state.set_pending(next_inputs)
+                sampled_all[index] = [f.token for f in next_inputs]
+            else:
+                sampled_all[index] = cells  # the last pass's cells end the request at max_tokens
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        self.images.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
