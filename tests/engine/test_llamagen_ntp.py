@@ -50,7 +50,7 @@ def build(tmp_path_factory, name: str, **overrides):
 def grid8(tmp_path_factory):
     generator, oracle = build(tmp_path_factory, "grid8", grid_size=8)
     yield generator, oracle
-    del generator
+    generator.close()
 
 
 def test_greedy_tokens_equal_the_oracle_for_eight_labels(grid8):
@@ -98,7 +98,8 @@ def test_a_class_label_outside_the_range_is_refused_and_the_engine_keeps_serving
 
 def test_greedy_tokens_equal_the_oracle_on_a_24x24_grid(tmp_path_factory):
     generator, oracle = build(tmp_path_factory, "grid24", grid_size=24)
-    result = generator.generate([4], temperature=0.0)[0]
+    with generator:
+        result = generator.generate([4], temperature=0.0)[0]
     expected, passes = ntp_decode(oracle, 4, 24, 24)
     assert passes == 576
     assert torch.equal(result.tokens, expected)
@@ -110,9 +111,10 @@ def test_padded_heads_of_size_100_give_the_unpadded_oracle_logits(tmp_path_facto
     assert generator.config.rope_head_dim == 100 and generator.config.head_dim == 112
     params = generator.sampling_params(temperature=0.0)
     params.logprobs = 0
-    output = generator.llm.generate(
-        [{"prompt_token_ids": [generator.config.class_token_id(6)]}], params, use_tqdm=False
-    )[0].outputs[0]
+    with generator:
+        output = generator.llm.generate(
+            [{"prompt_token_ids": [generator.config.class_token_id(6)]}], params, use_tqdm=False
+        )[0].outputs[0]
     tokens = torch.tensor(output.token_ids)
     assert torch.equal(tokens.view(8, 8), ntp_decode(oracle, 6, 8, 8)[0])
     # Teacher-forced: the oracle's log-probability of each chosen token, against the engine's.

@@ -26,8 +26,13 @@ def build(tmp_path_factory, name: str, grid: int, **engine_kwargs):
     oracle = load_authors_checkpoint(
         model_dir / "gpt.pt",
         ReferenceLlamaGenConfig(
-            dim=config.dim, n_layer=config.n_layer, n_head=config.n_head, multiple_of=config.multiple_of,
-            num_classes=config.num_classes, vocab_size=config.codebook_size, block_size=grid**2,
+            dim=config.dim,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            multiple_of=config.multiple_of,
+            num_classes=config.num_classes,
+            vocab_size=config.codebook_size,
+            block_size=grid**2,
         ),
     )
     kwargs = dict(max_num_seqs=16, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES, disable_log_stats=False)
@@ -44,7 +49,9 @@ def reference(oracle, label, grid, window, seed=None):
 
 @pytest.fixture(scope="module")
 def grid8(tmp_path_factory):
-    return build(tmp_path_factory, "zipar8", 8)
+    generator, oracle = build(tmp_path_factory, "zipar8", 8)
+    yield generator, oracle
+    generator.close()
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 4, 7, 8, 11])
@@ -83,3 +90,50 @@ def test_invalid_windows_are_refused_with_a_clear_message(grid8, bad):
     generator, _ = grid8
     with pytest.raises(ValueError, match="zipar_window must be an integer >= 1"):
         generator.generate([1], temperature=0.0, zipar_window=bad)
+
+
+def test_the_engine_reports_passes_and_cells_per_pass(grid8):
+    generator, _ = grid8
+    ntp, zipar = generator.generate([4, 4], temperature=0.0, decoding="ntp"), None
+    zipar = generator.generate([4], temperature=0.0, zipar_window=2)[0]
+    assert ntp[0].passes == 64 and ntp[0].cells_per_pass == [1] * 64
+    # LlamaGen layout: 2W + (H-2)·w passes (ZIPAR.md §4), every cell sampled once.
+    assert zipar.passes == 2 * 8 + 6 * 2 == len(zipar.cells_per_pass)
+    assert sum(zipar.cells_per_pass) == 64 and max(zipar.cells_per_pass) > 1
+
+
+@pytest.fixture(scope="module")
+def grid24(tmp_path_factory):
+    generator, oracle = build(tmp_path_factory, "zipar24", 24)
+    yield generator, oracle
+    generator.close()
+
+
+@pytest.mark.parametrize(("window", "passes"), [(8, 224), (12, 312), (16, 400), (None, 576)])
+def test_24x24_tokens_and_pass_counts(grid24, window, passes):
+    generator, oracle = grid24
+    kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
+    greedy = generator.generate([3], temperature=0.0, **kwargs)[0]
+    seeded = generator.generate([8], seeds=[99], **kwargs, **SAMPLING)[0]
+    assert greedy.passes == seeded.passes == passes
+    assert torch.equal(greedy.tokens, reference(oracle, 3, 24, window))
+    assert torch.equal(seeded.tokens, reference(oracle, 8, 24, window, seed=99))
+
+
+def test_prometheus_metrics_count_passes_and_cells_per_pass(grid8):
+    generator, _ = grid8
+
+    def histogram(name: str, decoding: str):
+        for metric in generator.llm.get_metrics():
+            if metric.name == name and metric.labels.get("decoding") == decoding:
+                return metric
+        return None
+
+    before = histogram("vllm:zipar_grid_cells_per_pass", "zipar")
+    count_before, sum_before = (before.count, before.sum) if before else (0, 0.0)
+    image = generator.generate([4], temperature=0.0, zipar_window=2)[0]
+    after = histogram("vllm:zipar_grid_cells_per_pass", "zipar")
+    assert after.count - count_before == image.passes == 28
+    assert after.sum - sum_before == 64  # every cell counted once
+    passes = histogram("vllm:zipar_forward_passes_per_image", "zipar")
+    assert passes is not None and passes.count >= 1

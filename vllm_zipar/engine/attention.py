@@ -1,13 +1,17 @@
-"""Attention with the ZipAR mask over vLLM's paged KV cache.
+"""Attention with the ZipAR mask, inside vLLM's CPU attention backend.
 
-`ZipARCPUAttentionBackend` is vLLM's CPU attention backend (same name, metadata builder and KV layout) whose
+`ZipARCPUAttentionBackend` is vLLM's CPU backend (same name, metadata builder and paged KV layout) whose
 implementation first runs the stock kernel for the whole batch — exact for prefill, NTP and every request
-still in causal order — and then recomputes the rows of requests that need the mask (`attention_mask.py`)
-with one batched SDPA over their gathered keys and values. The model selects it per layer through
-`Attention(..., attn_backend=...)`, so nothing in vLLM is patched.
+still in causal order — and then recomputes the rows of requests that need the mask (`attention_mask.py`).
+The model selects it per layer through `Attention(..., attn_backend=...)`; nothing in vLLM is patched.
 
-The CPU cache stores each (block, head) as [block_size, head_dim] for V but, under the `vec` ISA, K
-transposed as [head_dim, block_size]; the layout is probed once through vLLM's own cache-write op.
+For the masked rows each layer keeps, per ZipAR request, its keys and values in feed order in one
+contiguous buffer (`RequestKV`), appended from the step's own k/v, so a step reads them without gathering
+pages. This duplicates the KV of ZipAR images in flight (LlamaGen-B, 24x24: ~46 MB per image), which
+vLLM's KV accounting does not see. When a buffer lacks tokens (a request that became ZipAR-masked, or
+whose earlier tokens came from the prefix cache) they are gathered once from vLLM's paged cache; the CPU
+cache stores K transposed per (block, head) under the `vec` ISA, which is probed through vLLM's own
+cache-write op rather than assumed.
 """
 
 from __future__ import annotations
@@ -23,18 +27,25 @@ from vllm.v1.attention.backends.cpu_attn import (
     _get_attn_isa,
 )
 
-from vllm_zipar.engine.attention_mask import ZipARAttentionInputs
+from vllm_zipar.engine.attention_mask import ImageAttentionRows, ZipARAttentionInputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def key_block_is_transposed(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
     """Write known keys through vLLM's cache op and see where they land."""
     cache = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
     keys = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
     ops.cpu_attn_reshape_and_cache(
-        keys, keys.clone(), key_cache, value_cache, torch.arange(block_size), isa,
-        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        keys,
+        keys.clone(),
+        key_cache,
+        value_cache,
+        torch.arange(block_size),
+        isa,
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
     )
     stored = cache[0, 0, :block_size]
     if torch.equal(stored, keys[:, 0]):
@@ -44,42 +55,88 @@ def key_block_is_transposed(isa: str, dtype: torch.dtype, block_size: int, head_
     raise NotImplementedError(f"unknown CPU key-cache layout for ISA {isa!r}")
 
 
+class RequestKV:
+    """One request's keys and values for one layer, [kv_heads, tokens, head_dim], in feed order."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256) -> None:
+        self.k = torch.empty(kv_heads, capacity, head_dim, dtype=dtype)
+        self.v = torch.empty(kv_heads, capacity, head_dim, dtype=dtype)
+        self.length = 0
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens `[start, start + n)` from k, v of shape [n, kv_heads, head_dim]; later ones are dropped."""
+        end = start + k.shape[0]
+        if end > self.k.shape[1]:
+            grow = max(end, 2 * self.k.shape[1])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.empty(old.shape[0], grow, old.shape[2], dtype=old.dtype)
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+        self.k[:, start:end] = k.transpose(0, 1)
+        self.v[:, start:end] = v.transpose(0, 1)
+        self.length = end
+
+
 class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_kv: dict[str, RequestKV] = {}
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         zipar: ZipARAttentionInputs | None = getattr(attn_metadata, "zipar", None)
-        if zipar is not None and zipar.requests:
-            self._masked_rows(layer, query, kv_cache, attn_metadata, zipar, output)
+        if zipar is None:
+            return output
+        for req_id in zipar.finished:
+            self.request_kv.pop(req_id, None)
+        flat_out = output.view(output.shape[0], -1)
+        for rows in zipar.requests:
+            kv = self._request_kv(rows, layer, key, value, kv_cache, attn_metadata)
+            if rows.mask is not None:
+                flat_out[rows.query_start : rows.query_start + rows.count] = self._masked(rows, query, kv)
         return output
 
-    def _masked_rows(self, layer, query, kv_cache, attn_metadata, zipar, output) -> None:
+    def _request_kv(self, rows: ImageAttentionRows, layer, key, value, kv_cache, attn_metadata) -> RequestKV:
+        kv = self.request_kv.get(rows.req_id)
+        if kv is None:
+            kv = self.request_kv[rows.req_id] = RequestKV(key.shape[1], key.shape[2], key.dtype)
+        if kv.length < rows.first_token:
+            k_old, v_old = self._gather_paged(rows, layer, kv_cache, attn_metadata, key.dtype)
+            kv.write(0, k_old, v_old)
+        span = slice(rows.query_start, rows.query_start + rows.count)
+        kv.write(rows.first_token, key[span], value[span])
+        return kv
+
+    def _masked(self, rows: ImageAttentionRows, query: torch.Tensor, kv: RequestKV) -> torch.Tensor:
+        q = query[rows.query_start : rows.query_start + rows.count].transpose(0, 1)  # [H, n, d]
+        mask = torch.from_numpy(rows.mask)
+        out = F.scaled_dot_product_attention(
+            q,
+            kv.k[:, : rows.seq_len],
+            kv.v[:, : rows.seq_len],
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.num_heads != kv.k.shape[0],
+        )  # [H, n, d]
+        return out.transpose(0, 1).reshape(rows.count, -1)
+
+    def _gather_paged(self, rows, layer, kv_cache, attn_metadata, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[0, first_token)` of one request from vLLM's paged cache, as [n, kv_heads, head_dim]."""
         num_blocks, kv_heads, block_size, _ = kv_cache.shape
         cache = kv_cache.view(num_blocks, kv_heads, 2, block_size, -1)
         head_dim = cache.shape[-1]
-        t = zipar.tensors(block_size, attn_metadata.block_table)
-        blocks = t["blocks"]  # [R, nb]
-        num, max_blocks = blocks.shape
-        isa = getattr(layer, "isa", None) or _get_attn_isa(query.dtype, block_size, head_dim, self.kv_cache_dtype)
-        gathered = cache[blocks.reshape(-1)]  # [R*nb, kv_heads, 2, bs, d]
+        count = rows.first_token
+        used = (count + block_size - 1) // block_size
+        blocks = attn_metadata.block_table[rows.batch_index, :used].to(torch.long)
+        gathered = cache[blocks]  # [nb, h, 2, bs, d]
         keys = gathered[:, :, 0]
+        isa = getattr(layer, "isa", None) or _get_attn_isa(dtype, block_size, head_dim, self.kv_cache_dtype)
         if key_block_is_transposed(isa, cache.dtype, block_size, head_dim):
-            keys = keys.reshape(num * max_blocks, kv_heads, head_dim, block_size).transpose(-1, -2)
-        values = gathered[:, :, 1]
-        # [R, nb, h, bs, d] -> [R, h, nb*bs, d]
-        keys = keys.reshape(num, max_blocks, kv_heads, block_size, head_dim).permute(0, 2, 1, 3, 4)
-        values = values.reshape(num, max_blocks, kv_heads, block_size, head_dim).permute(0, 2, 1, 3, 4)
-        keys = keys.reshape(num, kv_heads, max_blocks * block_size, head_dim)
-        values = values.reshape(num, kv_heads, max_blocks * block_size, head_dim)
-        rows = t["query_rows"]  # [R, q]
-        q = query[rows.reshape(-1)].view(num, rows.shape[1], self.num_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=t["mask"][:, None], scale=self.scale,
-            enable_gqa=self.num_heads != kv_heads,
-        )  # [R, H, q, d]
-        out = out.transpose(1, 2).reshape(num * rows.shape[1], self.num_heads * head_dim)
-        valid = t["query_valid"].reshape(-1)
-        flat_out = output.view(output.shape[0], -1)
-        flat_out[rows.reshape(-1)[valid]] = out[valid].to(flat_out.dtype)
+            keys = keys.reshape(used, kv_heads, head_dim, block_size).transpose(-1, -2)
+        k = keys.permute(0, 2, 1, 3).reshape(used * block_size, kv_heads, head_dim)[:count]
+        v = gathered[:, :, 1].permute(0, 2, 1, 3).reshape(used * block_size, kv_heads, head_dim)[:count]
+        return k.to(dtype), v.to(dtype)
 
 
 class ZipARCPUAttentionBackend(CPUAttentionBackend):

@@ -4,7 +4,7 @@ Key j of a request is visible to its query i iff raster(j) <= raster(i), step(j)
 proxy (unless j is i). The KV cache holds keys in feed order; `ImageKeyMetadata` remembers, per request,
 the raster position, feed step and proxy flag of every cached token. A request whose tokens so far are in
 strictly increasing raster order with no proxy (prefill, NTP, LlamaGen's row 0) is plain causal attention:
-it stays on the platform's own kernel, and only the other requests are recomputed with the mask.
+the platform's own kernel is exact for it, and only the other requests are recomputed with the mask.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 class ImageKeyMetadata:
@@ -55,53 +54,43 @@ class ImageKeyMetadata:
 
 
 @dataclass
-class MaskedRequest:
+class ImageAttentionRows:
+    """One ZipAR request's tokens in this step: rows `[query_start, query_start + count)` of the batch,
+    which are its KV tokens `[first_token, first_token + count)`; `mask` is None while still causal."""
+
     batch_index: int
     req_id: str
-    query_start: int  # first row of this request's queries in the flattened batch
-    num_queries: int
-    seq_len: int
-    mask: np.ndarray  # [num_queries, seq_len]
+    query_start: int
+    first_token: int
+    count: int
+    mask: np.ndarray | None
+
+    @property
+    def seq_len(self) -> int:
+        return self.first_token + self.count
 
 
 @dataclass
 class ZipARAttentionInputs:
-    """The requests of one step that need the ZipAR mask, with their masks and query rows."""
+    """What every attention layer needs this step: the ZipAR requests' rows and masks, and which
+    requests finished (their per-layer key/value rows can go)."""
 
-    requests: list[MaskedRequest] = field(default_factory=list)
-    _tensors: dict = field(default_factory=dict)
+    requests: list[ImageAttentionRows] = field(default_factory=list)
+    finished: tuple[str, ...] = ()
+
+    @property
+    def masked(self) -> list[ImageAttentionRows]:
+        return [r for r in self.requests if r.mask is not None]
 
     def add(
-        self, batch_index: int, req_id: str, query_start: int, first_token: int, count: int,
+        self,
+        batch_index: int,
+        req_id: str,
+        query_start: int,
+        first_token: int,
+        count: int,
         keys: ImageKeyMetadata,
     ) -> None:
         seq_len = first_token + count
-        if keys.is_causal(seq_len):
-            return
-        self.requests.append(
-            MaskedRequest(batch_index, req_id, query_start, count, seq_len, keys.mask(first_token, count))
-        )
-
-    def tensors(self, block_size: int, block_table: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Padded index and mask tensors for one batched masked attention (built once, reused per layer)."""
-        if "mask" in self._tensors:
-            return self._tensors
-        num = len(self.requests)
-        max_q = max(r.num_queries for r in self.requests)
-        max_blocks = max((r.seq_len + block_size - 1) // block_size for r in self.requests)
-        max_keys = max_blocks * block_size
-        mask = torch.zeros(num, max_q, max_keys, dtype=torch.bool)
-        query_rows = torch.zeros(num, max_q, dtype=torch.long)
-        query_valid = torch.zeros(num, max_q, dtype=torch.bool)
-        blocks = torch.zeros(num, max_blocks, dtype=torch.long)
-        for i, r in enumerate(self.requests):
-            mask[i, : r.num_queries, : r.seq_len] = torch.from_numpy(r.mask)
-            mask[i, r.num_queries :, 0] = True  # padded query rows: anything finite, never written back
-            query_rows[i, : r.num_queries] = torch.arange(r.query_start, r.query_start + r.num_queries)
-            query_valid[i, : r.num_queries] = True
-            used = (r.seq_len + block_size - 1) // block_size
-            blocks[i, :used] = block_table[r.batch_index, :used].to(torch.long)
-        self._tensors = {
-            "mask": mask, "query_rows": query_rows, "query_valid": query_valid, "blocks": blocks,
-        }
-        return self._tensors
+        mask = None if keys.is_causal(seq_len) else keys.mask(first_token, count)
+        self.requests.append(ImageAttentionRows(batch_index, req_id, query_start, first_token, count, mask))

@@ -42,6 +42,16 @@ class ImageDecoding:
     def num_output_tokens(self, layout: GridLayout) -> int:
         return len(output_cells(layout, self.window))
 
+    def check_fits(self, layout: GridLayout, token_budget: int) -> None:
+        """Refuse a decoding whose passes cannot run whole within the engine's token budget."""
+        needed = plan_shape(layout, self.window).max_pass_tokens
+        if needed > token_budget:
+            raise ValueError(
+                f"zipar_window={self.window} on a {layout.height}x{layout.width} grid feeds up to {needed} "
+                f"tokens in one pass, more than max_num_batched_tokens={token_budget}; use a larger window "
+                "or a larger max_num_batched_tokens"
+            )
+
     @property
     def cache_salt(self) -> str:
         """Prefix-cache salt: KV computed under one decoding must never serve another (positions, masks)."""
@@ -61,21 +71,34 @@ def image_decoding_for(sampling_params: Any, vllm_config: Any) -> ImageDecoding:
     return ImageDecoding.parse(decoding, window)
 
 
-@lru_cache(maxsize=256)
-def output_cells(layout: GridLayout, window: int | None) -> tuple[int | None, ...]:
-    """For each output token of an image request, the raster position of the grid cell it carries.
+@dataclass(frozen=True)
+class PlanShape:
+    """What a dry run of one image's plan tells in advance (positions and kinds ignore sampled values)."""
 
-    A request's output is every input fed after the prompt, plus the cells sampled in the last pass; None
-    marks proxies (query-only copies of another cell's token). The plan's positions and kinds do not depend
-    on the sampled values, so a dry run with dummy tokens gives them exactly. Used for `max_tokens` and to
-    turn a request's output back into the raster grid.
+    output_cells: tuple[int | None, ...]  # raster position carried by each output token; None = proxy
+    max_pass_tokens: int  # the largest pass, which must fit the engine's token budget whole
+
+
+@lru_cache(maxsize=256)
+def plan_shape(layout: GridLayout, window: int | None) -> PlanShape:
+    """A request's output is every input fed after the prompt, plus the cells sampled in the last pass.
+
+    Used for `max_tokens`, to check a pass fits the token budget, and to turn a request's output back
+    into the raster grid.
     """
     plan = ZipARPlan(layout, window)
     inputs = plan.prefill_inputs([0] * layout.prompt_len)
+    largest = 1
     while True:
         predicted = [fed.predicts for fed in inputs if fed.predicts is not None]
         plan.record([0] * len(predicted))
         inputs = plan.next_inputs()
         if not inputs:
             fed = plan.fed(layout.prompt_len, plan.num_fed)
-            return tuple(None if f.kind is FeedKind.PROXY else f.position for f in fed) + tuple(predicted)
+            cells = tuple(None if f.kind is FeedKind.PROXY else f.position for f in fed) + tuple(predicted)
+            return PlanShape(cells, largest)
+        largest = max(largest, len(inputs))
+
+
+def output_cells(layout: GridLayout, window: int | None) -> tuple[int | None, ...]:
+    return plan_shape(layout, window).output_cells

@@ -35,11 +35,13 @@ class ZipARRunnerMixin:
         self._step_plans: dict[str, ImageStepInputs] = {}
         self._step_samples: list[tuple[int, int, int]] = []  # (request index, logits row, cell position)
         self._step_attention: ZipARAttentionInputs | None = None
+        self._finished_images: tuple[str, ...] = ()
 
     def _update_states(self, scheduler_output):  # type: ignore[override]
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
         for req_id in scheduler_output.finished_req_ids:
             self.image_keys.pop(req_id, None)
+        self._finished_images = tuple(scheduler_output.finished_req_ids)
         plans: dict[str, ImageStepInputs] = getattr(scheduler_output, "zipar_inputs", {})
         self._step_plans = plans
         batch = self.input_batch  # type: ignore[attr-defined]
@@ -93,12 +95,12 @@ class ZipARRunnerMixin:
                 # A chunk that completes no pass: vLLM discards whatever is sampled for it.
                 rows.append(first + count - 1)
                 samples.append((index, len(rows) - 1, -1))
-            attention.add(index, req_id, first, plan.start, count, self.image_keys[req_id])
+            if plan.masked_decoding:
+                attention.add(index, req_id, first, plan.start, count, self.image_keys[req_id])
+        attention.finished = self._finished_images
         self._step_samples = samples
-        self._step_attention = attention if attention.requests else None
-        max_cells = max(
-            (sum(1 for s in samples if s[0] == i) for i in range(num_reqs)), default=1
-        )
+        self._step_attention = attention if attention.requests or attention.finished else None
+        max_cells = max((sum(1 for s in samples if s[0] == i) for i in range(num_reqs)), default=1)
         device_indices = torch.tensor(rows, dtype=logits_indices.dtype, device=logits_indices.device)
         return device_indices, None, max_cells
 
@@ -115,9 +117,7 @@ class ZipARRunnerMixin:
             return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         batch = self.input_batch  # type: ignore[attr-defined]
         num_reqs = batch.num_reqs
-        samples = self._step_samples or [
-            (i, i, int(batch.num_tokens_no_spec[i])) for i in range(num_reqs)
-        ]
+        samples = self._step_samples or [(i, i, int(batch.num_tokens_no_spec[i])) for i in range(num_reqs)]
         params = [self.requests[req_id].sampling_params for req_id in batch.req_ids[:num_reqs]]  # type: ignore
         tokens = sample_cells(
             logits,

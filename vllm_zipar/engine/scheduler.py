@@ -23,12 +23,15 @@ from vllm.v1.request import Request
 
 from vllm_zipar.engine.request_config import image_decoding_for
 from vllm_zipar.engine.step_inputs import ImageStepInputs
-from vllm_zipar.zipar.plan import FeedKind, FedInput, ZipARPlan
+from vllm_zipar.zipar.plan import FedInput, FeedKind, ZipARPlan
 
 
 @dataclass
 class ImageRequestState:
     plan: ZipARPlan
+    decoding: str = "ntp"
+    window: int | None = None
+    cells_per_pass: list[int] = field(default_factory=list)
     # Index in the feed history where the pass now waiting to run begins, and the indices of its inputs whose
     # logits are sampled.
     pending_start: int = 0
@@ -53,18 +56,37 @@ class ZipARScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.images: dict[str, ImageRequestState] = {}
+        # Stats of images that finished in the step being processed, until attached to their outputs.
+        self.finished_images: dict[str, dict[str, object]] = {}
+        self.num_preempted_images = 0
 
     # -- admission -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         decoding = image_decoding_for(request.sampling_params, self.vllm_config)
         layout = decoding.layout(self.vllm_config.model_config.hf_config, len(request.prompt_token_ids))
+        decoding.check_fits(layout, self.max_num_scheduled_tokens)
+        self._salt_prefix_cache(request, decoding.cache_salt)
         plan = ZipARPlan(layout, decoding.window)
-        state = ImageRequestState(plan)
+        state = ImageRequestState(plan, decoding.decoding, decoding.window)
         state.set_pending(plan.prefill_inputs(list(request.prompt_token_ids)))
         # The request's output tokens are every input fed after the prompt plus the last pass's cells.
         request.max_tokens = decoding.num_output_tokens(layout)
         self.images[request.request_id] = state
         super().add_request(request)
+
+    @staticmethod
+    def _salt_prefix_cache(request: Request, salt: str) -> None:
+        """Make sure KV computed under one decoding never serves another (same ids, other positions/masks).
+
+        Front-ends salt the prompt already; this covers requests that reach the engine without it. Block
+        hashes already computed (prompts of at least one full block) are recomputed with the salt.
+        """
+        if request.cache_salt is not None and salt in request.cache_salt:
+            return
+        request.cache_salt = salt if request.cache_salt is None else f"{request.cache_salt}|{salt}"
+        if request.block_hashes:
+            request.block_hashes = []
+            request.update_block_hashes()
 
     # -- scheduling ------------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
@@ -138,6 +160,12 @@ class ZipARScheduler(Scheduler):
             start = end - num
             fed = state.plan.fed(start, end)
             completes_pass = end == state.plan.num_fed
+            if not completes_pass and end > state.first_split_point:
+                raise RuntimeError(
+                    f"request {req_id}: step would split a ZipAR pass at token {end} "
+                    f"(start {start}, fed {state.plan.num_fed}, pass starts {state.pending_start}, "
+                    f"first sampled {state.first_split_point}, status {self.requests[req_id].status})"
+                )
             sampled = state.pending_sampled if completes_pass else []
             plans[req_id] = ImageStepInputs(
                 start=start,
@@ -147,32 +175,63 @@ class ZipARScheduler(Scheduler):
                 proxy=[f.kind is FeedKind.PROXY for f in fed],
                 sample_offsets=[i - start for i in sampled],
                 sample_positions=[fed[i - start].predicts for i in sampled],
+                masked_decoding=state.window is not None,
             )
         return plans
 
     # -- results ---------------------------------------------------------------------------------------
-    def update_from_output(
-        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
-    ):
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
         plans: dict[str, ImageStepInputs] = getattr(scheduler_output, "zipar_inputs", {})
         sampled_all = model_runner_output.sampled_token_ids
         for req_id, plan in plans.items():
             state = self.images.get(req_id)
             index = model_runner_output.req_id_to_index.get(req_id)
-            if state is None or index is None or not plan.sample_offsets or not sampled_all:
+            if state is None or index is None or not sampled_all:
+                continue
+            if not plan.sample_offsets:
+                # A chunk that completes no pass (a recompute after preemption): the runner may still have
+                # sampled from its last token, which is meaningless here.
+                sampled_all[index] = []
                 continue
             cells = list(sampled_all[index])
             if len(cells) != len(plan.sample_offsets):
                 continue  # discarded (e.g. the request was aborted while running)
             state.plan.record(cells)
+            state.cells_per_pass.append(len(cells))
             next_inputs = state.plan.next_inputs()
             if next_inputs:
                 state.set_pending(next_inputs)
                 sampled_all[index] = [f.token for f in next_inputs]
             else:
                 sampled_all[index] = cells  # the last pass's cells end the request at max_tokens
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.finished_images:
+            for engine_outputs in outputs.values():
+                for output in engine_outputs.outputs:
+                    stats = self.finished_images.pop(output.request_id, None)
+                    if stats is not None and output.finish_reason is not None:
+                        # The only free-form per-request channel from the engine core to the request output.
+                        output.kv_transfer_params = {**(output.kv_transfer_params or {}), "zipar": stats}
+            self.finished_images.clear()
+        return outputs
+
+    def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        if request.request_id in self.images:
+            self.num_preempted_images += 1
+        super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request: Request, *args, **kwargs):
-        self.images.pop(request.request_id, None)
+        state = self.images.pop(request.request_id, None)
+        if state is not None and state.plan.done:
+            self.finished_images[request.request_id] = image_stats(state)
         return super()._free_request(request, *args, **kwargs)
+
+
+def image_stats(state: ImageRequestState) -> dict[str, object]:
+    """What the request output reports about how an image was decoded."""
+    return {
+        "decoding": state.decoding,
+        "window": state.window,
+        "passes": state.plan.steps,
+        "cells_per_pass": state.cells_per_pass,
+    }

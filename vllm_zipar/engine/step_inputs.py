@@ -25,3 +25,4 @@ class ImageStepInputs:
     proxy: list[bool]
     sample_offsets: list[int]
     sample_positions: list[int]
+    masked_decoding: bool = False  # ZipAR (not NTP): its attention will need the mask at some point

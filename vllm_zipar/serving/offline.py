@@ -16,6 +16,7 @@ import torch
 
 from vllm_zipar.engine.request_config import ImageDecoding, output_cells
 from vllm_zipar.models.model_dir import load_config
+from vllm_zipar.serving.metrics import record_image
 
 # The authors' LlamaGen c2i sampling defaults (autoregressive/sample/sample_c2i.py), without guidance.
 DEFAULT_TEMPERATURE = 1.0
@@ -32,9 +33,12 @@ def _on_cpu() -> bool:
 
 @dataclass
 class GeneratedImage:
+    request_id: str
     class_label: int
     seed: int | None
     tokens: torch.Tensor  # [H, W] int64 VQ codes in raster order
+    passes: int  # forward passes the engine spent on this image, prefill included
+    cells_per_pass: list[int]  # grid cells sampled in each of those passes
 
 
 class ImageGenerator:
@@ -80,6 +84,11 @@ class ImageGenerator:
         kwargs.update(engine_kwargs)
         self.llm = LLM(**kwargs)
         self._vq = None
+        self._submitted: dict[str, tuple[int, int | None]] = {}
+
+    @property
+    def token_budget(self) -> int:
+        return self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -126,39 +135,116 @@ class ImageGenerator:
             decoding = "zipar"
         return ImageDecoding.parse(decoding, zipar_window)
 
-    def generate(
+    def request_inputs(
         self,
-        class_labels: Sequence[int],
+        class_label: int,
         *,
-        seeds: Sequence[int | None] | None = None,
+        seed: int | None = None,
         temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = DEFAULT_TOP_K,
         top_p: float = DEFAULT_TOP_P,
         decoding: str | None = None,
         zipar_window: int | None = None,
-        use_tqdm: bool = False,
-    ) -> list[GeneratedImage]:
-        """One token grid per class label; `temperature=0` is greedy."""
+    ):
+        """The vLLM prompt and SamplingParams of one image, validated (bad input raises ValueError)."""
         chosen = self.decoding(decoding, zipar_window)
+        chosen.check_fits(chosen.layout(self.config, prompt_len=1), self.token_budget)
+        # The salt keeps vLLM's prefix cache from serving KV computed under another decoding (other
+        # positions and masks for the same tokens).
+        prompt = {
+            "prompt_token_ids": [self.config.class_token_id(class_label)],
+            "cache_salt": chosen.cache_salt,
+        }
+        params = self.sampling_params(
+            seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, decoding=chosen
+        )
+        return prompt, params
+
+    def generate(
+        self,
+        class_labels: Sequence[int],
+        *,
+        seeds: Sequence[int | None] | None = None,
+        use_tqdm: bool = False,
+        **request_kwargs: Any,
+    ) -> list[GeneratedImage]:
+        """One token grid per class label; `temperature=0` is greedy. Keyword arguments: `request_inputs`."""
         labels = list(class_labels)
         seed_list = list(seeds) if seeds is not None else [None] * len(labels)
         if len(seed_list) != len(labels):
             raise ValueError(f"got {len(seed_list)} seeds for {len(labels)} class labels")
-        prompts = [
-            {"prompt_token_ids": [self.config.class_token_id(label)], "cache_salt": chosen.cache_salt}
-            for label in labels
-        ]
-        params = [
-            self.sampling_params(seed=s, temperature=temperature, top_k=top_k, top_p=top_p, decoding=chosen)
-            for s in seed_list
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
+        pairs = zip(labels, seed_list, strict=True)
+        inputs = [self.request_inputs(label, seed=seed, **request_kwargs) for label, seed in pairs]
+        outputs = self.llm.generate([p for p, _ in inputs], [s for _, s in inputs], use_tqdm=use_tqdm)
         return [
-            GeneratedImage(
-                class_label=label, seed=seed, tokens=self.grid_from_output(out.outputs[0].token_ids, chosen)
-            )
+            self.image_from_output(out, label, seed)
             for label, seed, out in zip(labels, seed_list, outputs, strict=True)
         ]
+
+    def add_request(self, request_id: str, class_label: int, **request_kwargs: Any) -> None:
+        """Submit one image to the running engine without waiting (pair with `step`)."""
+        prompt, params = self.request_inputs(class_label, **request_kwargs)
+        self._submitted[request_id] = (class_label, request_kwargs.get("seed"))
+        self.llm.llm_engine.add_request(request_id, prompt, params)
+
+    def step(self) -> list[GeneratedImage]:
+        """Run one engine step; the images that finished in it."""
+        finished = []
+        for out in self.llm.llm_engine.step():
+            if out.finished and out.request_id in self._submitted:
+                label, seed = self._submitted.pop(out.request_id)
+                finished.append(self.image_from_output(out, label, seed))
+        return finished
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self.llm.llm_engine.abort_request(list(request_ids))
+        for request_id in request_ids:
+            self._submitted.pop(request_id, None)
+
+    def close(self) -> None:
+        """Shut the engine down now, and vLLM's process-wide parallel state with it.
+
+        An in-process engine left to the garbage collector tears that global state down whenever it is
+        collected, possibly under a newer engine in the same process.
+        """
+        import gc
+
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+
+    def __enter__(self) -> ImageGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
+    def image_from_output(self, out: Any, class_label: int, seed: int | None) -> GeneratedImage:
+        stats = (out.kv_transfer_params or {}).get("zipar")
+        if stats is None:
+            raise RuntimeError(
+                f"request {out.request_id} finished without image stats ({out.outputs[0].finish_reason})"
+            )
+        decoding = ImageDecoding.parse(stats["decoding"], stats["window"])
+        record_image(stats)
+        return GeneratedImage(
+            request_id=out.request_id,
+            class_label=class_label,
+            seed=seed,
+            tokens=self.grid_from_output(out.outputs[0].token_ids, decoding),
+            passes=stats["passes"],
+            cells_per_pass=stats["cells_per_pass"],
+        )
 
     def grid_from_output(self, token_ids: Sequence[int], decoding: ImageDecoding) -> torch.Tensor:
         """The [H, W] raster grid from a request's output tokens (its inputs in feed order)."""

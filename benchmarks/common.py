@@ -1,0 +1,72 @@
+"""Shared set-up of the benchmarks: a LlamaGen-shaped random model in the authors' format, and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# LlamaGen-B (the authors' GPT-B: 12 layers, 12 heads, dim 768, codebook 16384) on a 24x24 grid (384 px).
+LLAMAGEN_B_24 = dict(gpt_model="GPT-B", grid_size=24, num_classes=1000, codebook_size=16384)
+# A small stand-in for --quick runs.
+SMALL_16 = dict(
+    dim=256, n_layer=4, n_head=4, grid_size=16, num_classes=10, codebook_size=1024, multiple_of=64
+)
+
+
+def random_model(name: str, shape: dict[str, Any]) -> Path:
+    """A model directory of random weights in the authors' `.pt` layout, written once and cached."""
+    from vllm_zipar.models.model_dir import write_random_model_dir
+
+    model_dir = CACHE / name
+    if not (model_dir / "config.json").is_file():
+        print(f"[bench] writing random {name} weights to {model_dir} (once)")
+        write_random_model_dir(model_dir, with_vq=False, seed=0, std=0.25, **shape)
+    return model_dir
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def bar_plot(name: str, title: str, panels: list[tuple[str, list[str], list[float]]]) -> Path:
+    """One bar chart per panel (label, bar names, values), side by side, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (label, names, values) in zip(axes, panels, strict=True):
+        bars = ax.bar(names, values, color=["#888888"] + ["#2a7fbf"] * (len(names) - 1))
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,48 @@
+"""Prometheus metrics of decoded images, in the process that serves vLLM's `/metrics`.
+
+The engine core reports each finished image's decoding (passes, cells per pass) on its request output;
+the front-end (offline generator or HTTP route) records it here. Names carry vLLM's `vllm:` prefix so
+`LLM.get_metrics()` and vLLM's `/metrics` show them next to vLLM's own. vLLM unregisters every `vllm:`
+collector when it sets up its own loggers, so ours are (re-)registered on use, keeping their counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import REGISTRY, Counter, Histogram
+
+IMAGES = Counter("vllm:zipar_images", "Images generated, by decoding mode.", ["decoding"], registry=None)
+PASSES_PER_IMAGE = Histogram(
+    "vllm:zipar_forward_passes_per_image",
+    "Engine forward passes one image took, prefill included.",
+    ["decoding"],
+    buckets=(16, 32, 64, 128, 224, 256, 312, 400, 512, 576, 1024, 2048, 4096, 8100),
+    registry=None,
+)
+CELLS_PER_PASS = Histogram(
+    "vllm:zipar_grid_cells_per_pass",
+    "Grid cells of one image sampled in one forward pass.",
+    ["decoding"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+    registry=None,
+)
+COLLECTORS = (IMAGES, PASSES_PER_IMAGE, CELLS_PER_PASS)
+
+
+def ensure_registered() -> None:
+    registered = set(REGISTRY._collector_to_names)  # noqa: SLF001 (prometheus_client has no public lookup)
+    for collector in COLLECTORS:
+        if collector not in registered:
+            REGISTRY.register(collector)
+
+
+def record_image(stats: Mapping[str, object]) -> None:
+    """Record one finished image from the `zipar` stats its request output carries."""
+    ensure_registered()
+    label = str(stats["decoding"])
+    IMAGES.labels(label).inc()
+    PASSES_PER_IMAGE.labels(label).observe(float(stats["passes"]))  # type: ignore[arg-type]
+    histogram = CELLS_PER_PASS.labels(label)
+    for cells in stats["cells_per_pass"]:  # type: ignore[union-attr]
+        histogram.observe(cells)
