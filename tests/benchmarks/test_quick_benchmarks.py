@@ -1,0 +1,46 @@
+"""Smoke runs of the benchmarks in --quick mode: they run end to end and report the right pass counts.
+
+Timings are printed by the benchmarks, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.engine
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_zipar_vs_ntp_quick_writes_json_and_plot_with_exact_pass_counts():
+    out = run("zipar_vs_ntp.py", "--quick", "--in-flight", "2")
+    assert "NTP/this" in out
+    result = json.loads((ROOT / "benchmarks/results/zipar_vs_ntp_quick.json").read_text())
+    passes = {row["mode"]: row["passes_per_image"] for row in result["rows"]}
+    # 16x16 grid, LlamaGen layout: NTP H·W; ZipAR 2W + (H-2)·w (ZIPAR.md §4).
+    assert passes == {"NTP": 256, "ZipAR-8": 144, "ZipAR-4": 88}
+    assert (ROOT / "benchmarks/results/zipar_vs_ntp_quick.png").stat().st_size > 10_000
+
+
+def test_attention_cost_quick_measures_both_step_kinds():
+    out = run("attention_cost.py", "--quick")
+    result = json.loads((ROOT / "benchmarks/results/attention_cost_quick.json").read_text())
+    assert [row["requests"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert min(row["samples"]) > 0 and row["ratio"] > 0
+    assert "ratio" in out
