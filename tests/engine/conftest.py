@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # In-process engine core: ~4 s start instead of ~19 s with worker processes.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 TEST_KV_CACHE_BYTES = 64 << 20
+# Head dim 32 (the CPU kernel's smallest), 2 layers, 256 codes, 10 classes.
+TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
+
+
+def tiny_model_with_oracle(model_dir: Path, *, seed: int, state_dict=None, **overrides):
+    """Write a tiny random checkpoint in the authors' format; load it into the reference oracle too.
+
+    `state_dict(config)`, when given, replaces the random weights (still saved in the authors' layout).
+    """
+    from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
+    from vllm_zipar.models.llamagen_checkpoint import save_gpt_checkpoint
+    from vllm_zipar.models.model_dir import write_random_model_dir
+
+    config = write_random_model_dir(model_dir, with_vq=False, seed=seed, **{**TINY, **overrides})
+    if state_dict is not None:
+        save_gpt_checkpoint(state_dict(config), model_dir / "gpt.pt", "model", config)
+    oracle = load_authors_checkpoint(
+        model_dir / "gpt.pt",
+        ReferenceLlamaGenConfig(
+            dim=config.dim,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            multiple_of=config.multiple_of,
+            num_classes=config.num_classes,
+            vocab_size=config.codebook_size,
+            block_size=config.grid_size**2,
+        ),
+    )
+    return config, oracle
 
 
 def kv_cache_usage(generator) -> float:

@@ -9,33 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage
+from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage, tiny_model_with_oracle
 from tests.reference.decoders import ntp_decode
-from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
-from vllm_zipar.models.model_dir import write_random_model_dir
 from vllm_zipar.serving.offline import ImageGenerator
 
 pytestmark = pytest.mark.engine
 
-TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
 LABELS = list(range(8))
 
 
 def build(tmp_path_factory, name: str, **overrides):
     model_dir = tmp_path_factory.mktemp(name)
-    config = write_random_model_dir(model_dir, with_vq=False, seed=11, **{**TINY, **overrides})
-    oracle = load_authors_checkpoint(
-        model_dir / "gpt.pt",
-        ReferenceLlamaGenConfig(
-            dim=config.dim,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            multiple_of=config.multiple_of,
-            num_classes=config.num_classes,
-            vocab_size=config.codebook_size,
-            block_size=config.grid_size**2,
-        ),
-    )
+    _, oracle = tiny_model_with_oracle(model_dir, seed=11, **overrides)
     generator = ImageGenerator(
         model_dir,
         decoding="ntp",

@@ -8,33 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage
+from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage, tiny_model_with_oracle
 from tests.reference.decoders import ntp_decode, zipar_decode
-from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
-from vllm_zipar.models.model_dir import write_random_model_dir
 from vllm_zipar.serving.offline import ImageGenerator
 
 pytestmark = pytest.mark.engine
 
-TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
 SAMPLING = dict(temperature=1.0, top_k=100, top_p=0.95)
 
 
 def build(tmp_path_factory, name: str, grid: int, **engine_kwargs):
     model_dir = tmp_path_factory.mktemp(name)
-    config = write_random_model_dir(model_dir, with_vq=False, seed=5, grid_size=grid, **TINY)
-    oracle = load_authors_checkpoint(
-        model_dir / "gpt.pt",
-        ReferenceLlamaGenConfig(
-            dim=config.dim,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            multiple_of=config.multiple_of,
-            num_classes=config.num_classes,
-            vocab_size=config.codebook_size,
-            block_size=grid**2,
-        ),
-    )
+    _, oracle = tiny_model_with_oracle(model_dir, seed=5, grid_size=grid)
     kwargs = dict(max_num_seqs=16, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES, disable_log_stats=False)
     kwargs.update(engine_kwargs)
     return ImageGenerator(model_dir, **kwargs), oracle

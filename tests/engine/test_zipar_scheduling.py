@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import kv_cache_usage
-from tests.engine.test_zipar_engine import SAMPLING, TINY, reference
-from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
+from tests.engine.conftest import kv_cache_usage, tiny_model_with_oracle
+from tests.engine.test_zipar_engine import SAMPLING, reference
 from vllm_zipar.engine.request_config import ImageDecoding
-from vllm_zipar.models.llamagen_checkpoint import random_gpt_state_dict, save_gpt_checkpoint
-from vllm_zipar.models.model_dir import write_random_model_dir
+from vllm_zipar.models.llamagen_checkpoint import random_gpt_state_dict
 from vllm_zipar.serving.offline import ImageGenerator
 from vllm_zipar.zipar.layout import GridLayout
 
@@ -40,21 +38,7 @@ def scheduler_of(generator: ImageGenerator):
 
 def model_and_oracle(tmp_path_factory, name: str, state_dict=None):
     model_dir = tmp_path_factory.mktemp(name)
-    config = write_random_model_dir(model_dir, with_vq=False, seed=5, grid_size=8, **TINY)
-    if state_dict is not None:
-        save_gpt_checkpoint(state_dict(config), model_dir / "gpt.pt", "model", config)
-    oracle = load_authors_checkpoint(
-        model_dir / "gpt.pt",
-        ReferenceLlamaGenConfig(
-            dim=config.dim,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            multiple_of=config.multiple_of,
-            num_classes=config.num_classes,
-            vocab_size=config.codebook_size,
-            block_size=64,
-        ),
-    )
+    _, oracle = tiny_model_with_oracle(model_dir, seed=5, grid_size=8, state_dict=state_dict)
     return model_dir, oracle
 
 
