@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_MODEL ?= out/random-model
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean train-demo quality
 
 install:
 	bash scripts/install.sh
@@ -19,6 +19,16 @@ test: install
 
 lint: install
 	$(PY) -m ruff check vllm_zipar tests
+
+# Train the shipped demo model (models/digits/) from scikit-learn's digits: 42 min measured on one thread.
+train-demo: install
+	@$(PY) -c "import sklearn, matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m vllm_zipar.training.train_demo --out models/digits $(TRAIN_DEMO_ARGS)
+
+# Sample quality of the demo model through vLLM (classifier accuracy, Frechet distance): benchmarks/results/.
+quality: install
+	@$(PY) -c "import sklearn, matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[demo]"
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) benchmarks/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
 
 
-def run(script: str, *args: str) -> str:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+def run(results: Path, script: str, *args: str) -> str:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ZIPAR_BENCH_RESULTS": str(results)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
@@ -27,19 +27,19 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_zipar_vs_ntp_quick_writes_json_and_plot_with_exact_pass_counts():
-    out = run("zipar_vs_ntp.py", "--quick", "--in-flight", "2")
+def test_zipar_vs_ntp_quick_writes_json_and_plot_with_exact_pass_counts(tmp_path):
+    out = run(tmp_path, "zipar_vs_ntp.py", "--quick", "--in-flight", "2")
     assert "NTP/this" in out
-    result = json.loads((ROOT / "benchmarks/results/zipar_vs_ntp_quick.json").read_text())
+    result = json.loads((tmp_path / "zipar_vs_ntp_quick.json").read_text())
     passes = {row["mode"]: row["passes_per_image"] for row in result["rows"]}
     # 16x16 grid, LlamaGen layout: NTP H·W; ZipAR 2W + (H-2)·w (ZIPAR.md §4).
     assert passes == {"NTP": 256, "ZipAR-8": 144, "ZipAR-4": 88}
-    assert (ROOT / "benchmarks/results/zipar_vs_ntp_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "zipar_vs_ntp_quick.png").stat().st_size > 10_000
 
 
-def test_attention_cost_quick_measures_both_step_kinds():
-    out = run("attention_cost.py", "--quick")
-    result = json.loads((ROOT / "benchmarks/results/attention_cost_quick.json").read_text())
+def test_attention_cost_quick_measures_both_step_kinds(tmp_path):
+    out = run(tmp_path, "attention_cost.py", "--quick")
+    result = json.loads((tmp_path / "attention_cost_quick.json").read_text())
     assert [row["requests"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
         assert min(row["samples"]) > 0 and row["ratio"] > 0
