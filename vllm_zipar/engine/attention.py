@@ -16,11 +16,12 @@ cache-write op rather than assumed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
-import torch.nn.functional as F
 from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -84,8 +85,11 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
         self.request_kv: dict[str, RequestKV] = {}
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         zipar: ZipARAttentionInputs | None = getattr(attn_metadata, "zipar", None)
+        stock_metadata = attn_metadata
+        if zipar is not None and zipar.masked:
+            stock_metadata = self._stock_metadata(zipar, attn_metadata, layer, query.dtype)
+        output = super().forward(layer, query, key, value, kv_cache, stock_metadata, output, *args, **kwargs)
         if zipar is None:
             return output
         for req_id in zipar.finished:
@@ -96,6 +100,36 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
             if rows.mask is not None:
                 flat_out[rows.query_start : rows.query_start + rows.count] = self._masked(rows, query, kv)
         return output
+
+    def _stock_metadata(self, zipar: ZipARAttentionInputs, metadata, layer, dtype: torch.dtype):
+        """The step's metadata with each masked request's context cut to its own queries.
+
+        The stock kernel still runs over the whole batch (its rows for masked requests are overwritten
+        afterwards), but then reads almost none of those requests' keys and values. Built once per step.
+        """
+        if zipar.stock_metadata is None:
+            seq_lens = metadata.seq_lens.clone()
+            for rows in zipar.masked:
+                seq_lens[rows.batch_index] = rows.count
+            scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=seq_lens.shape[0],
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size,
+                seq_lens=seq_lens,
+                dtype=dtype,
+                query_start_loc=metadata.query_start_loc,
+                causal=metadata.causal,
+                sliding_window_size=self.sliding_window,
+                isa=layer.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                dynamic_causal=metadata.dynamic_causal,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+            zipar.stock_metadata = dataclasses.replace(
+                metadata, seq_lens=seq_lens, scheduler_metadata=scheduler_metadata
+            )
+        return zipar.stock_metadata
 
     def _request_kv(self, rows: ImageAttentionRows, layer, key, value, kv_cache, attn_metadata) -> RequestKV:
         kv = self.request_kv.get(rows.req_id)
@@ -110,15 +144,15 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _masked(self, rows: ImageAttentionRows, query: torch.Tensor, kv: RequestKV) -> torch.Tensor:
         q = query[rows.query_start : rows.query_start + rows.count].transpose(0, 1)  # [H, n, d]
-        mask = torch.from_numpy(rows.mask)
-        out = F.scaled_dot_product_attention(
-            q,
-            kv.k[:, : rows.seq_len],
-            kv.v[:, : rows.seq_len],
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=self.num_heads != kv.k.shape[0],
-        )  # [H, n, d]
+        keys, values = kv.k[:, : rows.seq_len], kv.v[:, : rows.seq_len]
+        if keys.shape[0] != self.num_heads:  # grouped-query attention
+            repeat = self.num_heads // keys.shape[0]
+            keys, values = keys.repeat_interleave(repeat, 0), values.repeat_interleave(repeat, 0)
+        # Explicit softmax attention: with a handful of queries per request it runs about twice as fast on
+        # the CPU as SDPA with a mask, and reads the keys and values once either way.
+        bias = rows.additive_mask(q.dtype).expand(self.num_heads, rows.count, rows.seq_len)
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scale)
+        out = torch.bmm(scores.softmax(dim=-1), values)  # [H, n, d]
         return out.transpose(0, 1).reshape(rows.count, -1)
 
     def _gather_paged(self, rows, layer, kv_cache, attn_metadata, dtype) -> tuple[torch.Tensor, torch.Tensor]:

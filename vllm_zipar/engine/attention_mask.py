@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 class ImageKeyMetadata:
@@ -64,10 +65,18 @@ class ImageAttentionRows:
     first_token: int
     count: int
     mask: np.ndarray | None
+    _additive: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def seq_len(self) -> int:
         return self.first_token + self.count
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[count, seq_len]: 0 where visible, -inf elsewhere (built once per step, shared by all layers)."""
+        if self._additive is None:
+            visible = torch.from_numpy(self.mask)
+            self._additive = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        return self._additive
 
 
 @dataclass
@@ -77,6 +86,8 @@ class ZipARAttentionInputs:
 
     requests: list[ImageAttentionRows] = field(default_factory=list)
     finished: tuple[str, ...] = ()
+    # The stock kernel's metadata with masked requests' contexts cut short (built by the first layer).
+    stock_metadata: object | None = None
 
     @property
     def masked(self) -> list[ImageAttentionRows]:
