@@ -9,7 +9,7 @@ install:
 
 demo: install
 	@if [ ! -f "$(DEMO_MODEL)/config.json" ]; then \
-	  echo "[demo] no trained demo model ships yet: writing a small RANDOM model to $(DEMO_MODEL) (its images are noise)"; \
+	  echo "[demo] writing a small RANDOM VQ-16 model to $(DEMO_MODEL): its images are noise (the trained digits model: make demo DEMO_MODEL=models/digits)"; \
 	  $(PY) -m vllm_zipar.cli write-random-model $(DEMO_MODEL); \
 	fi
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m vllm_zipar.cli demo --model $(DEMO_MODEL) --out out/demo.png

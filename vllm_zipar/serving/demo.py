@@ -9,7 +9,10 @@ from PIL import Image, ImageDraw
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 8) -> Image.Image:
-    """Tile images left to right, each with its label in a strip underneath."""
+    """Tile images left to right, each with its label in a strip underneath (small images enlarged)."""
+    scale = max(1, 128 // images[0].size[0])
+    if scale > 1:
+        images = [image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST) for image in images]
     width, height = images[0].size
     strip = 14
     rows = (len(images) + columns - 1) // columns
@@ -23,28 +26,36 @@ def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 8
     return canvas
 
 
-def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int) -> None:
+def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window: int = 4) -> None:
+    """One image per class with NTP and with ZipAR-`window`, same seeds, side by side in a labelled grid."""
     import torch
 
     from vllm_zipar.serving.offline import ImageGenerator
 
     start = time.perf_counter()
-    generator = ImageGenerator(model_dir)
-    started = time.perf_counter()
-    count = min(num_classes, generator.config.num_classes)
-    results = generator.generate(list(range(count)), seeds=[seed + c for c in range(count)])
-    generated = time.perf_counter()
-    images = generator.decode(torch.stack([r.tokens for r in results]))
-    labels = [f"class {r.class_label} (NTP)" for r in results]
+    with ImageGenerator(model_dir) as generator:
+        started = time.perf_counter()
+        count = min(num_classes, generator.config.num_classes)
+        labels = list(range(count))
+        seeds = [seed + c for c in labels]
+        ntp = generator.generate(labels, seeds=seeds, decoding="ntp")
+        generated = time.perf_counter()
+        zipar = generator.generate(labels, seeds=seeds, zipar_window=window)
+        finished = time.perf_counter()
+        pairs = [image for pair in zip(ntp, zipar, strict=True) for image in pair]
+        images = generator.decode(torch.stack([r.tokens for r in pairs]))
+    names = [
+        f"{r.class_label}: {'NTP' if i % 2 == 0 else f'ZipAR-{window}'}, {r.passes} passes"
+        for i, r in enumerate(pairs)
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    # `out` is one image at the model's resolution (grid × downsample pixels); the labelled grid of every
-    # class drawn goes beside it.
+    # `out` is one image at the model's resolution (grid x downsample pixels); the labelled grid of every
+    # class drawn, NTP beside ZipAR, goes beside it.
     images[0].save(out)
     grid_path = out.with_name(f"{out.stem}_grid.png")
-    labelled_grid(images, labels).save(grid_path)
+    labelled_grid(images, names, columns=2 * min(count, 4)).save(grid_path)
     print(
-        f"engine start {started - start:.1f} s; {count} images in {generated - started:.2f} s "
-        f"({(generated - started) / count:.3f} s/image); "
-        f"wrote {out} ({images[0].size[0]}x{images[0].size[1]} px, "
-        f"class {results[0].class_label}) and {grid_path}"
+        f"engine start {started - start:.1f} s; NTP {(generated - started) / count:.3f} s/image, "
+        f"ZipAR-{window} {(finished - generated) / count:.3f} s/image ({count} images each); "
+        f"wrote {out} ({images[0].size[0]}x{images[0].size[1]} px, class 0, NTP) and {grid_path}"
     )
