@@ -22,7 +22,6 @@ class ImageKeyMetadata:
         self.positions = np.zeros(0, dtype=np.int64)
         self.steps = np.zeros(0, dtype=np.int64)
         self.proxy = np.zeros(0, dtype=bool)
-        self.length = 0
 
     def write(self, start: int, positions: list[int], steps: list[int], proxy: list[bool]) -> None:
         """Record tokens `[start, start + n)`; anything after `start` is dropped (recompute, trimming)."""
@@ -35,7 +34,6 @@ class ImageKeyMetadata:
         self.positions[start:end] = positions
         self.steps[start:end] = steps
         self.proxy[start:end] = proxy
-        self.length = end
 
     def is_causal(self, length: int) -> bool:
         positions = self.positions[:length]

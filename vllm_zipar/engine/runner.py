@@ -100,7 +100,7 @@ class ZipARRunnerMixin:
         attention.finished = self._finished_images
         self._step_samples = samples
         self._step_attention = attention if attention.requests or attention.finished else None
-        max_cells = max((sum(1 for s in samples if s[0] == i) for i in range(num_reqs)), default=1)
+        max_cells = int(np.bincount([index for index, _, _ in samples]).max())
         device_indices = torch.tensor(rows, dtype=logits_indices.dtype, device=logits_indices.device)
         return device_indices, None, max_cells
 

@@ -12,7 +12,8 @@ def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 8
     """Tile images left to right, each with its label in a strip underneath (small images enlarged)."""
     scale = max(1, 128 // images[0].size[0])
     if scale > 1:
-        images = [image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST) for image in images]
+        size = (images[0].size[0] * scale, images[0].size[1] * scale)
+        images = [image.resize(size, Image.NEAREST) for image in images]
     width, height = images[0].size
     strip = 14
     rows = (len(images) + columns - 1) // columns

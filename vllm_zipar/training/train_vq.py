@@ -11,7 +11,6 @@ codebook and commitment losses. The result is saved in the authors' VQ training-
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQModel
+from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQModel, vq_training_args
 from vllm_zipar.training.data import DigitSplit, random_shifts
 
 L1_WEIGHT = 0.5  # on top of the authors' l2 reconstruction loss: crisper strokes on flat backgrounds
@@ -147,20 +146,7 @@ def save_vq_checkpoint(
 ) -> None:
     """Write ``model`` in the authors' ``vq_train.py`` layout: ``{"model", "steps", "args"}``."""
     config = model.config
-    args = argparse.Namespace(
-        vq_model=f"VQ-{config.downsample}",
-        vq_ckpt=None,
-        ema=False,
-        codebook_size=config.codebook_size,
-        codebook_embed_dim=config.codebook_embed_dim,
-        codebook_l2_norm=config.codebook_l2_norm,
-        commit_loss_beta=config.commit_loss_beta,
-        entropy_loss_ratio=config.entropy_loss_ratio,
-        dropout_p=config.dropout_p,
-        image_size=image_size,
-        global_seed=seed,
-        mixed_precision="none",
-    )
+    args = vq_training_args(config, seed, image_size=image_size, mixed_precision="none")
     state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

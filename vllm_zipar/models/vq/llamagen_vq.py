@@ -615,11 +615,17 @@ def load_llamagen_vq(path: str | Path, config: LlamaGenVQConfig) -> LlamaGenVQMo
     return model.float().eval()
 
 
-def _training_args(config: LlamaGenVQConfig, seed: int, ema: bool) -> argparse.Namespace:
+def vq_training_args(
+    config: LlamaGenVQConfig,
+    seed: int,
+    *,
+    ema: bool = False,
+    image_size: int = 256,
+    mixed_precision: str = "bf16",
+) -> argparse.Namespace:
     """The subset of vq_train.py's argparse flags that describe the model, as it pickles them."""
-    vq_model = {16: "VQ-16", 8: "VQ-8"}.get(config.downsample, f"VQ-{config.downsample}")
     return argparse.Namespace(
-        vq_model=vq_model,
+        vq_model=f"VQ-{config.downsample}",
         vq_ckpt=None,
         ema=ema,
         codebook_size=config.codebook_size,
@@ -628,9 +634,9 @@ def _training_args(config: LlamaGenVQConfig, seed: int, ema: bool) -> argparse.N
         commit_loss_beta=config.commit_loss_beta,
         entropy_loss_ratio=config.entropy_loss_ratio,
         dropout_p=config.dropout_p,
-        image_size=256,
+        image_size=image_size,
         global_seed=seed,
-        mixed_precision="bf16",
+        mixed_precision=mixed_precision,
     )
 
 
@@ -676,7 +682,7 @@ def write_random_vq_checkpoint(
         checkpoint = {
             "model": weights,
             "steps": 0,
-            "args": _training_args(config, seed, ema=layout == "ema"),
+            "args": vq_training_args(config, seed, ema=layout == "ema"),
         }
         if layout == "ema":
             checkpoint["model"] = _random_weights(config, seed + 1)
