@@ -27,7 +27,7 @@ def step_times(
     scheduler = generator.llm.llm_engine.engine_core.engine_core.scheduler
     kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
     for i in range(count):
-        generator.add_request(f"cost-{window}-{i}", i, seed=i, top_k=0, **kwargs)
+        generator.add_request(f"cost-{window}-{i}", i, seed=i, top_k=0, cfg_scale=1.0, **kwargs)
     times = []
     while generator.has_unfinished_requests():
         states = list(scheduler.images.values())

@@ -21,7 +21,11 @@ def run(results: Path, script: str, *args: str) -> str:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ZIPAR_BENCH_RESULTS": str(results)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -34,6 +38,8 @@ def test_zipar_vs_ntp_quick_writes_json_and_plot_with_exact_pass_counts(tmp_path
     passes = {row["mode"]: row["passes_per_image"] for row in result["rows"]}
     # 16x16 grid, LlamaGen layout: NTP H·W; ZipAR 2W + (H-2)·w (ZIPAR.md §4).
     assert passes == {"NTP": 256, "ZipAR-8": 144, "ZipAR-4": 88}
+    guided = {(row["mode"], row["cfg_scale"]): row["passes_per_image"] for row in result["cfg_rows"]}
+    assert guided == {("NTP pair", 1.0): 256, ("NTP", 2.0): 256, ("ZipAR-4", 2.0): 88}
     assert (tmp_path / "zipar_vs_ntp_quick.png").stat().st_size > 10_000
 
 

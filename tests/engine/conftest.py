@@ -9,8 +9,17 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 TEST_KV_CACHE_BYTES = 64 << 20
-# Head dim 32 (the CPU kernel's smallest), 2 layers, 256 codes, 10 classes.
-TINY = dict(dim=64, n_layer=2, n_head=2, codebook_size=256, num_classes=10, multiple_of=32)
+# Head dim 32 (the CPU kernel's smallest), 2 layers, 256 codes, 10 classes. Unguided unless a test asks for
+# guidance (the model default would be the authors' scale 2.0).
+TINY = dict(
+    dim=64,
+    n_layer=2,
+    n_head=2,
+    codebook_size=256,
+    num_classes=10,
+    multiple_of=32,
+    sampling_defaults={"cfg_scale": 1.0},
+)
 
 
 def tiny_model_with_oracle(model_dir: Path, *, seed: int, state_dict=None, **overrides):

@@ -81,7 +81,7 @@ def test_expected_names_are_the_authors_for_gpt_b():
 def test_gpt_3b_heads_are_padded_to_a_kernel_size():
     config = LlamaGenConfig(gpt_model="GPT-3B", grid_size=24)
     assert config.rope_head_dim == 100 and config.head_dim == 112
-    assert config.max_position_embeddings == 1 + 24 * 24 + 2 * 24  # + a proxy and a completion feed per row
+    assert config.max_position_embeddings == 2 * (1 + 24 * 24 + 2 * 24)  # two CFG streams
 
 
 def test_class_labels_outside_the_range_are_refused(config):

@@ -56,20 +56,25 @@ def _check_sampling(
         raise ValueError("the reference oracle samples only with a seed when temperature > 0")
 
 
-def _guided_logits(
-    model: ReferenceLlamaGen,
-    class_label: int,
-    ids: torch.Tensor,
-    pos: torch.Tensor,
-    attend: torch.Tensor,
-    cfg_scale: float,
-) -> torch.Tensor:
-    """Per-row logits of one pass; with CFG the unconditional sequence gets the same image tokens."""
-    cond = model.forward_tokens(class_label, ids, pos, attend)
-    if cfg_scale == 1.0:
-        return cond
-    uncond = model.forward_tokens(model.config.null_class, ids, pos, attend)
-    return cfg_logits(cond, uncond, cfg_scale)
+class _PassLogits:
+    """Per-row logits of one pass. With CFG the unconditional sequence (null class) gets the same image
+    tokens, and cell ``n`` (raster index) is guided iff ``cfg_interval < 0`` or ``n <= cfg_interval + 1``:
+    the authors' ``generate()`` guides the prefill's cell and decode steps ``i <= cfg_interval``
+    (cell ``i + 1``), then uses the conditional logits alone."""
+
+    def __init__(self, model, class_label, ids, pos, attend, cfg_scale: float, cfg_interval: int) -> None:
+        self.cond = model.forward_tokens(class_label, ids, pos, attend)
+        self.uncond = None
+        if cfg_scale != 1.0:
+            self.uncond = model.forward_tokens(model.config.null_class, ids, pos, attend)
+        self.scale = cfg_scale
+        self.interval = cfg_interval
+
+    def cell(self, row: int, cell_index: int) -> torch.Tensor:
+        guided = self.interval < 0 or cell_index <= self.interval + 1
+        if self.uncond is None or not guided:
+            return self.cond[row]
+        return cfg_logits(self.cond[row], self.uncond[row], self.scale)
 
 
 def ntp_decode(
@@ -83,6 +88,7 @@ def ntp_decode(
     top_p: float = 1.0,
     seed: int | None = None,
     cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
 ) -> tuple[torch.Tensor, int]:
     """Raster-order next-token prediction, one pass per token. Returns (tokens [H, W], passes = H*W)."""
     _check_sampling(model, class_label, H, W, temperature, seed, cfg_scale)
@@ -95,7 +101,7 @@ def ntp_decode(
         attend = torch.tril(torch.ones(n_total, n_total, dtype=torch.bool))
         ids = torch.tensor(seq, dtype=torch.long)
         pos = torch.arange(P, P + len(seq))
-        logits = _guided_logits(model, class_label, ids, pos, attend, cfg_scale)[-1]
+        logits = _PassLogits(model, class_label, ids, pos, attend, cfg_scale, cfg_interval).cell(-1, t)
         seq.append(
             sample_cell(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, pos=P + t)
         )
@@ -173,6 +179,7 @@ def zipar_decode(
     top_p: float = 1.0,
     seed: int | None = None,
     cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
     _feed_time: bool = True,
     _trace: list | None = None,
 ) -> tuple[torch.Tensor, int]:
@@ -213,13 +220,14 @@ def zipar_decode(
         steps = [0] * P + hist_step + [step] * len(inputs)
         proxy = [False] * (P + len(hist_tok)) + [f.kind == PROXY for f in inputs]
         attend = zipar_mask(pos, steps, proxy, feed_time=_feed_time)
-        logits = _guided_logits(
+        logits = _PassLogits(
             model,
             class_label,
             torch.tensor(ids, dtype=torch.long),
             torch.tensor(pos[P:], dtype=torch.long),
             attend,
             cfg_scale,
+            cfg_interval,
         )
         if step > 0:
             base = P + len(hist_tok)
@@ -227,9 +235,9 @@ def zipar_decode(
         sampled = {}
         for row_index, (r, c) in targets.items():
             assert n[r] == c and tokens[r, c] < 0, f"cell {(r, c)} predicted out of order"
-            sampled[(r, c)] = logits[row_index]
+            sampled[(r, c)] = cell_logits = logits.cell(row_index, r * W + c)
             tokens[r, c] = sample_cell(
-                logits[row_index],
+                cell_logits,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

@@ -438,3 +438,18 @@ def test_invalid_arguments(model):
     with pytest.raises(ValueError):
         ntp_decode(model, CLASS, H, W, temperature=1.0)
     assert closed_form_steps(1, 5, 2, False) == simulate_zipar_steps(1, 5, 2) == 5
+
+
+def test_cfg_interval_guides_only_the_first_cells(model):
+    """The authors' cfg_interval: cells n <= interval + 1 guided, later ones conditional only."""
+    H = W = 8
+    guided, _ = zipar_decode(model, 3, H, W, 3, cfg_scale=4.0)
+    unguided, _ = zipar_decode(model, 3, H, W, 3)
+    whole, _ = zipar_decode(model, 3, H, W, 3, cfg_scale=4.0, cfg_interval=H * W)
+    assert torch.equal(whole, guided)  # an interval past the last cell guides everything
+    early, _ = zipar_decode(model, 3, H, W, 3, cfg_scale=4.0, cfg_interval=2)
+    assert torch.equal(early.view(-1)[:4], guided.view(-1)[:4])  # cells 0..3 guided in both
+    assert not torch.equal(early, guided)  # later cells lost their guidance
+    assert not torch.equal(guided, unguided)
+    ntp_early, _ = ntp_decode(model, 3, H, W, cfg_scale=4.0, cfg_interval=2)
+    assert torch.equal(ntp_early.view(-1)[:4], ntp_decode(model, 3, H, W, cfg_scale=4.0)[0].view(-1)[:4])

@@ -1,10 +1,12 @@
 """Per-step inputs of the ZipAR attention mask (ZIPAR.md §3), built once per step and shared by all layers.
 
-Key j of a request is visible to its query i iff raster(j) <= raster(i), step(j) <= step(i) and j is not a
-proxy (unless j is i). The KV cache holds keys in feed order; `ImageKeyMetadata` remembers, per request,
-the raster position, feed step and proxy flag of every cached token. A request whose tokens so far are in
-strictly increasing raster order with no proxy (prefill, NTP, LlamaGen's row 0) is plain causal attention:
-the platform's own kernel is exact for it, and only the other requests are recomputed with the mask.
+Key j of a request is visible to its query i iff both belong to the same stream (the conditional and
+unconditional sequences of a guided image), raster(j) <= raster(i), step(j) <= step(i) and j is not a proxy
+(unless j is i). The KV cache holds keys in feed order; `ImageKeyMetadata` remembers, per request, the
+stream, raster position, feed step and proxy flag of every cached token. A request whose tokens so far are
+one stream in strictly increasing raster order with no proxy (prefill, NTP, LlamaGen's row 0) is plain
+causal attention: the platform's own kernel is exact for it, and only the other requests are recomputed
+with the mask.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ import torch
 
 
 class ImageKeyMetadata:
-    """Raster position, feed step and proxy flag of each token in one request's KV sequence."""
+    """Stream, raster position, feed step and proxy flag of each token in one request's KV sequence."""
 
     def __init__(self) -> None:
         self.positions = np.zeros(0, dtype=np.int64)
         self.steps = np.zeros(0, dtype=np.int64)
         self.proxy = np.zeros(0, dtype=bool)
+        self.streams: np.ndarray | None = None  # None while every token is in stream 0
 
-    def write(self, start: int, positions: list[int], steps: list[int], proxy: list[bool]) -> None:
+    def write(
+        self,
+        start: int,
+        positions: list[int],
+        steps: list[int],
+        proxy: list[bool],
+        streams: list[int] | None = None,
+    ) -> None:
         """Record tokens `[start, start + n)`; anything after `start` is dropped (recompute, trimming)."""
         end = start + len(positions)
         if len(self.positions) < end:
@@ -31,12 +41,20 @@ class ImageKeyMetadata:
             self.positions = np.resize(self.positions, grow)
             self.steps = np.resize(self.steps, grow)
             self.proxy = np.resize(self.proxy, grow)
+            if self.streams is not None:
+                self.streams = np.resize(self.streams, grow)
         self.positions[start:end] = positions
         self.steps[start:end] = steps
         self.proxy[start:end] = proxy
+        if streams is not None:
+            if self.streams is None:
+                self.streams = np.zeros(len(self.positions), dtype=np.int8)
+            self.streams[start:end] = streams
 
     def is_causal(self, length: int) -> bool:
         positions = self.positions[:length]
+        if self.streams is not None and self.streams[:length].any():
+            return False
         return not self.proxy[:length].any() and bool(np.all(positions[1:] > positions[:-1]))
 
     def mask(self, first_query: int, num_queries: int) -> np.ndarray:
@@ -47,6 +65,8 @@ class ImageKeyMetadata:
             self.steps[None, :length] <= self.steps[q, None]
         )
         visible &= ~self.proxy[None, :length]
+        if self.streams is not None:
+            visible &= self.streams[None, :length] == self.streams[q, None]
         rows = np.arange(num_queries)
         visible[rows, first_query + rows] = True
         return visible

@@ -3,6 +3,11 @@
 Engine default: `additional_config={"zipar": {"decoding": "zipar" | "ntp", "window": int}}` (default: NTP).
 Per request: `SamplingParams(extra_args={"decoding": ..., "zipar_window": ...})`. A window must be an int
 >= 1; a window >= the grid width is valid and decodes exactly as NTP does.
+
+Classifier-free guidance, per request (`guidance_extra_args` builds these): `extra_args={"cfg_scale": s,
+"cfg_uncond_prompt_len": U, "cfg_interval": i}`. With `s > 1` the last `U` prompt tokens are the
+unconditional prompt and the image decodes as a `GuidedPlan` (both sequences in this one request); `s == 1`
+(the default) means no unconditional sequence at all.
 """
 
 from __future__ import annotations
@@ -11,16 +16,56 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from vllm_zipar.zipar.guidance import UNCONDITIONAL, image_plan
 from vllm_zipar.zipar.layout import GridLayout
-from vllm_zipar.zipar.plan import FeedKind, ZipARPlan, check_window
+from vllm_zipar.zipar.plan import FeedKind, check_window
 
 DECODINGS = ("zipar", "ntp")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance of one image: `logits = u + scale * (c - u)` on the guided cells."""
+
+    scale: float
+    uncond_prompt_len: int
+    interval: int = -1  # the authors' cfg_interval: -1 guides every cell
+
+    @classmethod
+    def parse(cls, scale: object, uncond_prompt_len: object, interval: object = -1) -> Guidance | None:
+        """None for scale 1 (no unconditional sequence); ValueError for anything malformed."""
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise ValueError(f"cfg_scale must be a number >= 1, got {scale!r}")
+        scale = float(scale)
+        if not scale >= 1.0 or scale == float("inf"):
+            raise ValueError(f"cfg_scale must be a finite number >= 1 (1 disables guidance), got {scale!r}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < -1:
+            raise ValueError(f"cfg_interval must be an int >= -1 (-1: every cell), got {interval!r}")
+        if scale == 1.0:
+            return None
+        if (
+            isinstance(uncond_prompt_len, bool)
+            or not isinstance(uncond_prompt_len, int)
+            or uncond_prompt_len < 1
+        ):
+            raise ValueError(
+                f"cfg_scale={scale} needs cfg_uncond_prompt_len (an int >= 1), got {uncond_prompt_len!r}"
+            )
+        return cls(scale, uncond_prompt_len, interval)
+
+    def extra_args(self) -> dict[str, Any]:
+        return {
+            "cfg_scale": self.scale,
+            "cfg_uncond_prompt_len": self.uncond_prompt_len,
+            "cfg_interval": self.interval,
+        }
 
 
 @dataclass(frozen=True)
 class ImageDecoding:
     decoding: str
     window: int | None  # None for NTP
+    guidance: Guidance | None = None
 
     @classmethod
     def parse(cls, decoding: object, window: object) -> ImageDecoding:
@@ -35,27 +80,51 @@ class ImageDecoding:
         except ValueError:
             raise ValueError(f"zipar_window must be an integer >= 1, got {window!r}") from None
 
+    def with_guidance(self, guidance: Guidance | None) -> ImageDecoding:
+        return ImageDecoding(self.decoding, self.window, guidance)
+
+    @property
+    def uncond_prompt_len(self) -> int | None:
+        return None if self.guidance is None else self.guidance.uncond_prompt_len
+
     def layout(self, hf_config: Any, prompt_len: int) -> GridLayout:
+        """The conditional sequence's grid; `prompt_len` is the whole request prompt (both prompts)."""
         grid = int(hf_config.grid_size)
-        return GridLayout(prompt_len=prompt_len, height=grid, width=grid)
+        cond_prompt_len = prompt_len - (self.uncond_prompt_len or 0)
+        if cond_prompt_len < 1:
+            raise ValueError(
+                f"a prompt of {prompt_len} tokens leaves no conditional prompt before the "
+                f"{self.uncond_prompt_len}-token unconditional one"
+            )
+        return GridLayout(prompt_len=cond_prompt_len, height=grid, width=grid)
+
+    def plan(self, layout: GridLayout):
+        return image_plan(layout, self.window, self.uncond_prompt_len)
 
     def num_output_tokens(self, layout: GridLayout) -> int:
-        return len(output_cells(layout, self.window))
+        return len(output_cells(layout, self.window, self.uncond_prompt_len))
 
     def check_fits(self, layout: GridLayout, token_budget: int) -> None:
         """Refuse a decoding whose passes cannot run whole within the engine's token budget."""
-        needed = plan_shape(layout, self.window).max_pass_tokens
+        needed = plan_shape(layout, self.window, self.uncond_prompt_len).max_pass_tokens
         if needed > token_budget:
+            what = f"zipar_window={self.window}" if self.window is not None else "NTP"
+            if self.guidance is not None:
+                what += f" with cfg_scale={self.guidance.scale}"
             raise ValueError(
-                f"zipar_window={self.window} on a {layout.height}x{layout.width} grid feeds up to {needed} "
+                f"{what} on a {layout.height}x{layout.width} grid feeds up to {needed} "
                 f"tokens in one pass, more than max_num_batched_tokens={token_budget}; use a larger window "
                 "or a larger max_num_batched_tokens"
             )
 
     @property
     def cache_salt(self) -> str:
-        """Prefix-cache salt: KV computed under one decoding must never serve another (positions, masks)."""
-        return f"zipar-w{self.window}" if self.window is not None else "ntp"
+        """Prefix-cache salt: KV computed under one decoding must never serve another (positions, masks,
+        and with guidance the unconditional prompt that must not see the conditional one)."""
+        salt = f"zipar-w{self.window}" if self.window is not None else "ntp"
+        if self.guidance is not None:
+            salt += f"-cfg{self.guidance.uncond_prompt_len}"
+        return salt
 
 
 def engine_default(vllm_config: Any) -> tuple[str, int | None]:
@@ -68,37 +137,47 @@ def image_decoding_for(sampling_params: Any, vllm_config: Any) -> ImageDecoding:
     extra = getattr(sampling_params, "extra_args", None) or {}
     decoding = extra.get("decoding", decoding)
     window = extra.get("zipar_window", window)
-    return ImageDecoding.parse(decoding, window)
+    guidance = Guidance.parse(
+        extra.get("cfg_scale", 1.0), extra.get("cfg_uncond_prompt_len"), extra.get("cfg_interval", -1)
+    )
+    return ImageDecoding.parse(decoding, window).with_guidance(guidance)
 
 
 @dataclass(frozen=True)
 class PlanShape:
     """What a dry run of one image's plan tells in advance (positions and kinds ignore sampled values)."""
 
-    output_cells: tuple[int | None, ...]  # raster position carried by each output token; None = proxy
+    # Raster position (conditional stream) carried by each output token; None: a proxy or an unconditional
+    # stream's copy, which a grid reader skips.
+    output_cells: tuple[int | None, ...]
     max_pass_tokens: int  # the largest pass, which must fit the engine's token budget whole
 
 
 @lru_cache(maxsize=256)
-def plan_shape(layout: GridLayout, window: int | None) -> PlanShape:
+def plan_shape(layout: GridLayout, window: int | None, uncond_prompt_len: int | None = None) -> PlanShape:
     """A request's output is every input fed after the prompt, plus the cells sampled in the last pass.
 
     Used for `max_tokens`, to check a pass fits the token budget, and to turn a request's output back
     into the raster grid.
     """
-    plan = ZipARPlan(layout, window)
-    inputs = plan.prefill_inputs([0] * layout.prompt_len)
+    plan = image_plan(layout, window, uncond_prompt_len)
+    prompt_len = layout.prompt_len + (uncond_prompt_len or 0)
+    inputs = plan.prefill_inputs([0] * prompt_len)
     largest = 1
     while True:
-        predicted = [fed.predicts for fed in inputs if fed.predicts is not None]
+        predicted = [f.predicts for f in inputs if f.predicts is not None and f.stream != UNCONDITIONAL]
         plan.record([0] * len(predicted))
         inputs = plan.next_inputs()
         if not inputs:
-            fed = plan.fed(layout.prompt_len, plan.num_fed)
-            cells = tuple(None if f.kind is FeedKind.PROXY else f.position for f in fed) + tuple(predicted)
-            return PlanShape(cells, largest)
+            fed = plan.fed(prompt_len, plan.num_fed)
+            cells = tuple(
+                None if f.kind is FeedKind.PROXY or f.stream == UNCONDITIONAL else f.position for f in fed
+            )
+            return PlanShape(cells + tuple(predicted), largest)
         largest = max(largest, len(inputs))
 
 
-def output_cells(layout: GridLayout, window: int | None) -> tuple[int | None, ...]:
-    return plan_shape(layout, window).output_cells
+def output_cells(
+    layout: GridLayout, window: int | None, uncond_prompt_len: int | None = None
+) -> tuple[int | None, ...]:
+    return plan_shape(layout, window, uncond_prompt_len).output_cells

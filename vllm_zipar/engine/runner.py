@@ -34,11 +34,16 @@ class ZipARRunnerMixin:
         self.image_keys: dict[str, ImageKeyMetadata] = {}
         self._step_plans: dict[str, ImageStepInputs] = {}
         self._step_samples: list[tuple[int, int, int]] = []  # (request index, logits row, cell position)
+        self._step_guides: list[tuple[int, int, float]] = []  # (sample, unconditional token row, cfg scale)
         self._step_attention: ZipARAttentionInputs | None = None
         self._finished_images: tuple[str, ...] = ()
 
     def _update_states(self, scheduler_output):  # type: ignore[override]
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
+        # Our sampler keys its noise by (seed, cell), never by vLLM's per-request generators; dropping them
+        # also keeps vLLM from rewinding them after a partial chunk (`set_offset`), which CPU generators
+        # do not support.
+        self.input_batch.generators.clear()  # type: ignore[attr-defined]
         for req_id in scheduler_output.finished_req_ids:
             self.image_keys.pop(req_id, None)
         self._finished_images = tuple(scheduler_output.finished_req_ids)
@@ -59,7 +64,7 @@ class ZipARRunnerMixin:
                 del outputs[first - num_prompt :]
                 outputs.extend(plan.token_ids[first - plan.start :])
             keys = self.image_keys.setdefault(req_id, ImageKeyMetadata())
-            keys.write(plan.start, plan.positions, plan.steps, plan.proxy)
+            keys.write(plan.start, plan.positions, plan.steps, plan.proxy, plan.streams)
         return result
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[override]
@@ -69,6 +74,7 @@ class ZipARRunnerMixin:
         plans = self._step_plans
         if not plans or spec_decode_metadata is not None:
             self._step_samples = []
+            self._step_guides = []
             self._step_attention = None
             return logits_indices, spec_decode_metadata, max_sampled
         batch = self.input_batch  # type: ignore[attr-defined]
@@ -78,6 +84,9 @@ class ZipARRunnerMixin:
         positions = self.positions  # type: ignore[attr-defined]
         rows: list[int] = []
         samples: list[tuple[int, int, int]] = []
+        # Guided cells: (index in samples, the unconditional twin's token row in the batch, scale). Their
+        # logits rows go after every sampled row, so logits[:len(samples)] stay one row per sample.
+        guides: list[tuple[int, int, float]] = []
         attention = ZipARAttentionInputs()
         for index, req_id in enumerate(batch.req_ids[:num_reqs]):
             plan = plans.get(req_id)
@@ -91,14 +100,19 @@ class ZipARRunnerMixin:
             for offset, cell in zip(plan.sample_offsets, plan.sample_positions, strict=True):
                 rows.append(first + offset)
                 samples.append((index, len(rows) - 1, cell))
+            for sample, twin in enumerate(plan.guide_offsets, start=len(samples) - len(plan.sample_offsets)):
+                if twin >= 0:
+                    guides.append((sample, first + twin, plan.cfg_scale))
             if not plan.sample_offsets:
                 # A chunk that completes no pass: vLLM discards whatever is sampled for it.
                 rows.append(first + count - 1)
                 samples.append((index, len(rows) - 1, -1))
             if plan.masked_decoding:
                 attention.add(index, req_id, first, plan.start, count, self.image_keys[req_id])
+        rows.extend(row for _, row, _ in guides)
         attention.finished = self._finished_images
         self._step_samples = samples
+        self._step_guides = guides
         self._step_attention = attention if attention.requests or attention.finished else None
         max_cells = int(np.bincount([index for index, _, _ in samples]).max())
         device_indices = torch.tensor(rows, dtype=logits_indices.dtype, device=logits_indices.device)
@@ -118,6 +132,8 @@ class ZipARRunnerMixin:
         batch = self.input_batch  # type: ignore[attr-defined]
         num_reqs = batch.num_reqs
         samples = self._step_samples or [(i, i, int(batch.num_tokens_no_spec[i])) for i in range(num_reqs)]
+        if self._step_guides:
+            logits = guided_logits(logits, len(samples), [(s, scale) for s, _, scale in self._step_guides])
         params = [self.requests[req_id].sampling_params for req_id in batch.req_ids[:num_reqs]]  # type: ignore
         tokens = sample_cells(
             logits,
@@ -147,6 +163,20 @@ class ZipARRunnerMixin:
                 raw, num_logprobs, token_ids=torch.tensor(tokens, dtype=torch.int64)
             )
         return SamplerOutput(sampled_token_ids=sampled.to(logits.device), logprobs_tensors=logprobs)
+
+
+def guided_logits(logits: torch.Tensor, num_samples: int, guides: list[tuple[int, float]]) -> torch.Tensor:
+    """Classifier-free guidance: rows `[0, num_samples)` are the sampled cells' conditional logits, row
+    `num_samples + k` the unconditional logits of `guides[k] = (sample, scale)`; returns one row per sample,
+    `u + scale * (c - u)` in float32 for the guided ones (the reference's formula and operation order)."""
+    mixed = logits[:num_samples].float().clone()
+    uncond = logits[num_samples:].float()
+    for scale in sorted({scale for _, scale in guides}):
+        ks = [k for k, (_, s) in enumerate(guides) if s == scale]
+        rows = torch.tensor([guides[k][0] for k in ks], device=logits.device)
+        u = uncond[torch.tensor(ks, device=logits.device)]
+        mixed[rows] = u + scale * (mixed[rows] - u)
+    return mixed
 
 
 class ZipARCPUModelRunner(ZipARRunnerMixin, CPUModelRunner):

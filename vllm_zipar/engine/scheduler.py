@@ -21,28 +21,46 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
-from vllm_zipar.engine.request_config import image_decoding_for
+from vllm_zipar.engine.request_config import Guidance, image_decoding_for
 from vllm_zipar.engine.step_inputs import ImageStepInputs
+from vllm_zipar.zipar.guidance import UNCONDITIONAL, GuidedPlan, guidance_applies
 from vllm_zipar.zipar.plan import FedInput, FeedKind, ZipARPlan
 
 
 @dataclass
 class ImageRequestState:
-    plan: ZipARPlan
+    plan: ZipARPlan | GuidedPlan
     decoding: str = "ntp"
     window: int | None = None
+    guidance: Guidance | None = None
     cells_per_pass: list[int] = field(default_factory=list)
-    # Index in the feed history where the pass now waiting to run begins, and the indices of its inputs whose
-    # logits are sampled.
+    # Index in the feed history where the pass now waiting to run begins; the indices of its conditional
+    # inputs whose logits are sampled, and for each the index of its unconditional twin (-1: not guided).
     pending_start: int = 0
     pending_sampled: list[int] = field(default_factory=list)
+    pending_guides: list[int] = field(default_factory=list)
 
     def set_pending(self, inputs: list[FedInput]) -> None:
         end = self.plan.num_fed
         self.pending_start = end - len(inputs)
-        self.pending_sampled = [
-            self.pending_start + i for i, fed in enumerate(inputs) if fed.predicts is not None
-        ]
+        self.pending_sampled = []
+        twins: dict[int, int] = {}
+        for i, fed in enumerate(inputs):
+            if fed.predicts is None:
+                continue
+            if fed.stream == UNCONDITIONAL:
+                twins[fed.predicts] = self.pending_start + i
+            else:
+                self.pending_sampled.append(self.pending_start + i)
+        guidance = self.guidance
+        self.pending_guides = []
+        if guidance is not None:
+            layout = self.plan.layout
+            for index in self.pending_sampled:
+                cell = inputs[index - self.pending_start].predicts
+                r, c = layout.cell(cell)
+                guided = guidance_applies(r * layout.width + c, guidance.interval)
+                self.pending_guides.append(twins[cell] if guided else -1)
 
     @property
     def first_split_point(self) -> int:
@@ -66,8 +84,8 @@ class ZipARScheduler(Scheduler):
         layout = decoding.layout(self.vllm_config.model_config.hf_config, len(request.prompt_token_ids))
         decoding.check_fits(layout, self.max_num_scheduled_tokens)
         self._salt_prefix_cache(request, decoding.cache_salt)
-        plan = ZipARPlan(layout, decoding.window)
-        state = ImageRequestState(plan, decoding.decoding, decoding.window)
+        plan = decoding.plan(layout)
+        state = ImageRequestState(plan, decoding.decoding, decoding.window, decoding.guidance)
         state.set_pending(plan.prefill_inputs(list(request.prompt_token_ids)))
         # The request's output tokens are every input fed after the prompt plus the last pass's cells.
         request.max_tokens = decoding.num_output_tokens(layout)
@@ -167,6 +185,8 @@ class ZipARScheduler(Scheduler):
                     f"first sampled {state.first_split_point}, status {self.requests[req_id].status})"
                 )
             sampled = state.pending_sampled if completes_pass else []
+            guides = state.pending_guides if completes_pass else []
+            guided = state.guidance is not None
             plans[req_id] = ImageStepInputs(
                 start=start,
                 token_ids=[f.token for f in fed],
@@ -175,7 +195,10 @@ class ZipARScheduler(Scheduler):
                 proxy=[f.kind is FeedKind.PROXY for f in fed],
                 sample_offsets=[i - start for i in sampled],
                 sample_positions=[fed[i - start].predicts for i in sampled],
-                masked_decoding=state.window is not None,
+                masked_decoding=state.window is not None or guided,
+                streams=[f.stream for f in fed] if guided else None,
+                guide_offsets=[i - start if i >= 0 else -1 for i in guides],
+                cfg_scale=state.guidance.scale if guided else 1.0,
             )
         return plans
 
@@ -232,6 +255,7 @@ def image_stats(state: ImageRequestState) -> dict[str, object]:
     return {
         "decoding": state.decoding,
         "window": state.window,
+        "cfg_scale": state.guidance.scale if state.guidance is not None else 1.0,
         "passes": state.plan.steps,
         "cells_per_pass": state.cells_per_pass,
     }

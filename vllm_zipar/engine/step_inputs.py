@@ -6,7 +6,7 @@ executor; scheduler and workers share no other state. Plain data only: no torch,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,7 +15,10 @@ class ImageStepInputs:
 
     `steps` are plan pass indices (feed time); `proxy` marks query-only inputs; `sample_offsets` index the
     scheduled tokens whose logits are sampled this step, and `sample_positions` are the raster positions of
-    the cells they predict (the key of each cell's random draw).
+    the cells they predict (the key of each cell's random draw). With classifier-free guidance, `streams`
+    gives each token's sequence (0 conditional, 1 unconditional) and `guide_offsets[i]` the unconditional
+    twin of sampled input i (-1: that cell uses the conditional logits alone); the runner samples
+    `u + cfg_scale * (c - u)` once per cell.
     """
 
     start: int
@@ -25,4 +28,7 @@ class ImageStepInputs:
     proxy: list[bool]
     sample_offsets: list[int]
     sample_positions: list[int]
-    masked_decoding: bool = False  # ZipAR (not NTP): its attention will need the mask at some point
+    masked_decoding: bool = False  # ZipAR or guided: its attention will need the mask at some point
+    streams: list[int] | None = None  # None: one stream
+    guide_offsets: list[int] = field(default_factory=list)
+    cfg_scale: float = 1.0

@@ -44,6 +44,18 @@ def kernel_head_size(head_dim: int) -> int:
     raise ValueError(f"head dim {head_dim} exceeds the largest supported head size {KERNEL_HEAD_SIZES[-1]}")
 
 
+# The authors' class-to-image sampling defaults (ZIPAR.md §5): ZipAR's LlamaGen scripts guide with scale 2.0;
+# LlamaGen's sample_c2i.py keeps the top 2000 codes at temperature 1. A model directory may override them
+# (config.json "sampling_defaults"), as the shipped digits model does.
+C2I_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "cfg_scale": 2.0,
+    "cfg_interval": -1,
+    "temperature": 1.0,
+    "top_k": 2000,
+    "top_p": 1.0,
+}
+
+
 class LlamaGenConfig(PretrainedConfig):
     """Config of a LlamaGen class-to-image model directory (`model_type: "llamagen"`)."""
 
@@ -71,6 +83,7 @@ class LlamaGenConfig(PretrainedConfig):
         gpt_checkpoint: str = "gpt.pt",
         vq_checkpoint: str = "vq.pt",
         vq_config: dict[str, Any] | None = None,
+        sampling_defaults: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         preset = GPT_PRESETS.get(gpt_model or "", {})
@@ -110,6 +123,13 @@ class LlamaGenConfig(PretrainedConfig):
         self.gpt_checkpoint = gpt_checkpoint
         self.vq_checkpoint = vq_checkpoint
         self.vq_config = dict(vq_config or {})
+        unknown = set(sampling_defaults or {}) - set(C2I_SAMPLING_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"unknown sampling_defaults {sorted(unknown)}; known: {sorted(C2I_SAMPLING_DEFAULTS)}"
+            )
+        # What a request that names no sampling parameter gets (front-ends apply them; the engine never does).
+        self.sampling_defaults = {**C2I_SAMPLING_DEFAULTS, **(sampling_defaults or {})}
 
         # The names vLLM reads. Prompt ids [vocab, vocab + num_classes] are class tokens (the last one is the
         # null class used by classifier-free guidance); the model only ever predicts image tokens.
@@ -124,8 +144,9 @@ class LlamaGenConfig(PretrainedConfig):
         self.head_dim = kernel_head_size(self.rope_head_dim)
         self.vocab_size = self.codebook_size
         # vLLM reads this as the longest KV sequence. A ZipAR request feeds every cell once plus, per row, at
-        # most one proxy and one completion feed, so its sequence can exceed prompt + H·W by 2·H.
-        self.max_position_embeddings = self.cls_token_num + self.grid_size**2 + 2 * self.grid_size
+        # most one proxy and one completion feed, so its sequence can exceed prompt + H·W by 2·H; with
+        # classifier-free guidance one request holds both sequences (see zipar/guidance.py).
+        self.max_position_embeddings = 2 * (self.cls_token_num + self.grid_size**2 + 2 * self.grid_size)
         self.intermediate_size = self.ffn_hidden_dim
         self.tie_word_embeddings = False
 

@@ -14,14 +14,11 @@ from typing import Any
 
 import torch
 
-from vllm_zipar.engine.request_config import ImageDecoding, output_cells
+from vllm_zipar.engine.request_config import Guidance, ImageDecoding, output_cells
 from vllm_zipar.models.model_dir import load_config
 from vllm_zipar.serving.metrics import record_image
+from vllm_zipar.zipar.layout import GridLayout
 
-# The authors' LlamaGen c2i sampling defaults (autoregressive/sample/sample_c2i.py), without guidance.
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_K = 2000
-DEFAULT_TOP_P = 1.0
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -39,6 +36,7 @@ class GeneratedImage:
     tokens: torch.Tensor  # [H, W] int64 VQ codes in raster order
     passes: int  # forward passes the engine spent on this image, prefill included
     cells_per_pass: list[int]  # grid cells sampled in each of those passes
+    cfg_scale: float = 1.0  # classifier-free guidance it was decoded with (1: none)
 
 
 class ImageGenerator:
@@ -98,15 +96,19 @@ class ImageGenerator:
         self,
         *,
         seed: int | None = None,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = DEFAULT_TOP_K,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         decoding: ImageDecoding | None = None,
     ):
+        """vLLM `SamplingParams` of one image; unset values take the model's `sampling_defaults`."""
         from vllm import SamplingParams
 
         decoding = decoding or self.default_decoding
-
+        defaults = self.config.sampling_defaults
+        temperature = defaults["temperature"] if temperature is None else temperature
+        top_k = defaults["top_k"] if top_k is None else top_k
+        top_p = defaults["top_p"] if top_p is None else top_p
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
@@ -114,7 +116,10 @@ class ImageGenerator:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         # An image request's output is its feed sequence (see request_config.output_cells), not H·W tokens.
-        num_outputs = decoding.num_output_tokens(decoding.layout(self.config, prompt_len=1))
+        num_outputs = decoding.num_output_tokens(self.layout(decoding))
+        extra_args: dict[str, Any] = {"decoding": decoding.decoding, "zipar_window": decoding.window}
+        if decoding.guidance is not None:
+            extra_args.update(decoding.guidance.extra_args())
         return SamplingParams(
             max_tokens=num_outputs,
             min_tokens=num_outputs,
@@ -124,37 +129,57 @@ class ImageGenerator:
             top_k=top_k if top_k > 0 else 0,
             top_p=top_p,
             seed=seed,
-            extra_args={"decoding": decoding.decoding, "zipar_window": decoding.window},
+            extra_args=extra_args,
         )
 
-    def decoding(self, decoding: str | None = None, zipar_window: int | None = None) -> ImageDecoding:
-        """Validate a per-request decoding choice (defaults: this generator's)."""
-        if decoding is None and zipar_window is None:
-            return self.default_decoding
-        if decoding is None:
-            decoding = "zipar"
-        return ImageDecoding.parse(decoding, zipar_window)
+    def decoding(
+        self,
+        decoding: str | None = None,
+        zipar_window: int | None = None,
+        *,
+        cfg_scale: float | None = None,
+        cfg_interval: int | None = None,
+    ) -> ImageDecoding:
+        """Validate a per-request decoding choice (defaults: this generator's and the model's)."""
+        chosen = self.default_decoding
+        if decoding is not None or zipar_window is not None:
+            chosen = ImageDecoding.parse(decoding or "zipar", zipar_window)
+        defaults = self.config.sampling_defaults
+        scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+        interval = defaults["cfg_interval"] if cfg_interval is None else cfg_interval
+        # c2i: the unconditional prompt is the null class, one token.
+        return chosen.with_guidance(Guidance.parse(scale, 1, interval))
+
+    def layout(self, decoding: ImageDecoding) -> GridLayout:
+        """The grid of a class-to-image request: one class token (plus the null class when guided)."""
+        return decoding.layout(self.config, prompt_len=1 + (decoding.uncond_prompt_len or 0))
 
     def request_inputs(
         self,
         class_label: int,
         *,
         seed: int | None = None,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = DEFAULT_TOP_K,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         decoding: str | None = None,
         zipar_window: int | None = None,
+        cfg_scale: float | None = None,
+        cfg_interval: int | None = None,
     ):
-        """The vLLM prompt and SamplingParams of one image, validated (bad input raises ValueError)."""
-        chosen = self.decoding(decoding, zipar_window)
-        chosen.check_fits(chosen.layout(self.config, prompt_len=1), self.token_budget)
+        """The vLLM prompt and SamplingParams of one image, validated (bad input raises ValueError).
+
+        Unset sampling values take the model's `sampling_defaults` (config.json); `cfg_scale=1` runs no
+        unconditional sequence.
+        """
+        chosen = self.decoding(decoding, zipar_window, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
+        chosen.check_fits(self.layout(chosen), self.token_budget)
+        prompt_ids = [self.config.class_token_id(class_label)]
+        if chosen.guidance is not None:
+            prompt_ids.append(self.config.null_class_token_id)
         # The salt keeps vLLM's prefix cache from serving KV computed under another decoding (other
         # positions and masks for the same tokens).
-        prompt = {
-            "prompt_token_ids": [self.config.class_token_id(class_label)],
-            "cache_salt": chosen.cache_salt,
-        }
+        prompt = {"prompt_token_ids": prompt_ids, "cache_salt": chosen.cache_salt}
         params = self.sampling_params(
             seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, decoding=chosen
         )
@@ -236,6 +261,8 @@ class ImageGenerator:
                 f"request {out.request_id} finished without image stats ({out.outputs[0].finish_reason})"
             )
         decoding = ImageDecoding.parse(stats["decoding"], stats["window"])
+        scale = stats.get("cfg_scale", 1.0)
+        decoding = decoding.with_guidance(Guidance.parse(scale, 1) if scale != 1.0 else None)
         record_image(stats)
         return GeneratedImage(
             request_id=out.request_id,
@@ -244,12 +271,13 @@ class ImageGenerator:
             tokens=self.grid_from_output(out.outputs[0].token_ids, decoding),
             passes=stats["passes"],
             cells_per_pass=stats["cells_per_pass"],
+            cfg_scale=scale,
         )
 
     def grid_from_output(self, token_ids: Sequence[int], decoding: ImageDecoding) -> torch.Tensor:
         """The [H, W] raster grid from a request's output tokens (its inputs in feed order)."""
-        layout = decoding.layout(self.config, prompt_len=1)
-        cells = output_cells(layout, decoding.window)
+        layout = self.layout(decoding)
+        cells = output_cells(layout, decoding.window, decoding.uncond_prompt_len)
         if len(cells) != len(token_ids):
             raise RuntimeError(f"expected {len(cells)} output tokens for {decoding}, got {len(token_ids)}")
         grid = torch.full((layout.height * layout.width,), -1, dtype=torch.long)

@@ -43,6 +43,8 @@ class FedInput:
     ``position`` is the raster position the model sees (RoPE). ``predicts`` is the raster position of the
     cell this input's logits predict (None for KV-only inputs and for prompt tokens other than the last); it
     also keys the cell's sampling seed. ``step`` is the pass that feeds it (the prefill is pass 0).
+    ``stream`` tells the sequences of a guided image apart (0: conditional, 1: unconditional; see
+    ``guidance.GuidedPlan``); ``predicts`` is always in stream 0's positions, the cell's identity.
     """
 
     token: int
@@ -50,17 +52,19 @@ class FedInput:
     kind: FeedKind
     predicts: int | None
     step: int
+    stream: int = 0
 
 
 def visible(key: FedInput, query: FedInput, key_index: int, query_index: int) -> bool:
     """ZIPAR.md §3 mask: may ``query`` attend to ``key``? Indices are their places in the fed sequence.
 
-    A key is visible when it sits at or before the query's raster position, was fed in the query's pass or
-    earlier (keys and values are computed once, when fed), and is not a proxy (unless it is the query
-    itself). Storage order does not matter.
+    A key is visible when it belongs to the query's sequence (stream), sits at or before the query's raster
+    position, was fed in the query's pass or earlier (keys and values are computed once, when fed), and is
+    not a proxy (unless it is the query itself). Storage order does not matter.
     """
     return (
-        key.position <= query.position
+        key.stream == query.stream
+        and key.position <= query.position
         and key.step <= query.step
         and (key.kind is not FeedKind.PROXY or key_index == query_index)
     )
