@@ -11,7 +11,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[install] creating $VENV"
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
+# Our `vllm` console script (vLLM's CLI plus `vllm serve --decoding`, see docs/serving.md) shares its name with
+# vLLM's; pip keeps whichever distribution it installed last, so (re)write ours after every install.
+write_vllm_shim() {
+  local python
+  python="$(cd "$VENV/bin" && pwd)/python"
+  cat > "$VENV/bin/vllm" <<EOF
+#!$python
+# Written by scripts/install.sh (vllm-zipar): vLLM's CLI plus \`vllm serve --decoding\`.
+import sys
+from vllm_zipar.serving.vllm_command import main
+if __name__ == "__main__":
+    sys.exit(main())
+EOF
+  chmod +x "$VENV/bin/vllm"
+}
+
 if [ -f "$STAMP" ] && cmp -s "$STAMP" pyproject.toml; then
+  write_vllm_shim
   exit 0
 fi
 echo "[install] installing vllm-zipar[$EXTRAS] into $VENV (about 2 minutes the first time)"
@@ -20,4 +37,5 @@ echo "[install] installing vllm-zipar[$EXTRAS] into $VENV (about 2 minutes the f
 # The registry builds of these break `import vllm` next to torch 2.13.0+cpu; vLLM does not need them.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, vllm_zipar; print('[install] vllm', vllm.__version__, 'ok')"
+write_vllm_shim
 cp pyproject.toml "$STAMP"

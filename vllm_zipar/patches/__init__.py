@@ -1,1 +1,43 @@
+"""Every monkey patch of vLLM, one module each, applied only from here (see README.md).
 
+`apply_cli_patches()` is called once by our `vllm` console command (`vllm_zipar.serving.vllm_command`)
+before vLLM's own `main` runs. Each patch checks the vLLM version it was written for and refuses any other:
+a patch silently applied to code it was not written against is worse than a clear error.
+"""
+
+from __future__ import annotations
+
+_applied: set[str] = set()
+
+
+def installed_vllm_version() -> str:
+    """vLLM's version without the build's local label (`0.32.0+cpu` -> `0.32.0`)."""
+    import vllm
+    from packaging.version import Version
+
+    return Version(vllm.__version__).base_version
+
+
+def check_vllm_version(patch: str, written_for: str) -> None:
+    version = installed_vllm_version()
+    if version != written_for:
+        raise RuntimeError(
+            f"vllm_zipar patch {patch!r} was written for vLLM {written_for}, but vLLM {version} is "
+            "installed; "
+            "re-check the patched function and update the patch (see vllm_zipar/patches/README.md)"
+        )
+
+
+def apply_once(name: str, apply) -> None:
+    if name in _applied:
+        return
+    apply()
+    _applied.add(name)
+
+
+def apply_cli_patches() -> None:
+    """The patches our `vllm` console command needs, before vLLM's CLI builds its parsers."""
+    from vllm_zipar.patches import cli_version, serve_flags
+
+    apply_once("cli_version", cli_version.apply)
+    apply_once("serve_flags", serve_flags.apply)

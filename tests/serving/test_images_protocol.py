@@ -1,0 +1,107 @@
+"""The image route's request checks and class-name prompts (no server, no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_zipar.serving.class_names import ClassNameError, ClassNames
+from vllm_zipar.serving.images_protocol import ImageAPIError, parse_request
+
+SIZE = "128x128"
+
+
+def parse(**body):
+    return parse_request(json.dumps(body).encode(), SIZE)
+
+
+def error_of(raw: bytes | dict) -> ImageAPIError:
+    with pytest.raises(ImageAPIError) as info:
+        parse_request(raw if isinstance(raw, bytes) else json.dumps(raw).encode(), SIZE)
+    return info.value
+
+
+def test_a_minimal_request_takes_the_defaults():
+    req = parse(prompt="3")
+    assert (req.n, req.output_format, req.stream, req.partial_images, req.seed) == (1, "png", False, 0, None)
+    assert req.sampling_kwargs() == dict.fromkeys(
+        ("temperature", "top_k", "top_p", "decoding", "zipar_window", "cfg_scale", "cfg_interval")
+    )
+
+
+def test_openai_and_extension_fields_are_read():
+    req = parse(
+        prompt="golden retriever", model="m", n=4, size=SIZE, response_format="b64_json",
+        output_format="webp", output_compression=80, stream=True, partial_images=2, user="u",
+        seed=7, cfg_scale=2, cfg_interval=3,
+        decoding="zipar", zipar_window=4, temperature=0.5, top_k=10, top_p=0.9, return_tokens=True,
+        quality="auto", background="opaque",
+    )  # fmt: skip
+    assert (req.n, req.output_format, req.partial_images, req.seed, req.cfg_scale) == (4, "webp", 2, 7, 2.0)
+    assert req.sampling_kwargs()["zipar_window"] == 4 and req.return_tokens
+
+
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        (b"{not json", None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_json"),
+        ({"n": 1}, "prompt", "missing_required_parameter"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"prompt": "  "}, "prompt", "invalid_value"),
+        ({"prompt": "1", "n": 0}, "n", "invalid_value"),
+        ({"prompt": "1", "n": 11}, "n", "invalid_value"),
+        ({"prompt": "1", "n": "2"}, "n", "invalid_type"),
+        ({"prompt": "1", "n": True}, "n", "invalid_type"),
+        ({"prompt": "1", "size": "1024x1024"}, "size", "unsupported_value"),
+        ({"prompt": "1", "response_format": "url"}, "response_format", "unsupported_value"),
+        ({"prompt": "1", "output_format": "gif"}, "output_format", "unsupported_value"),
+        ({"prompt": "1", "output_compression": 101}, "output_compression", "invalid_value"),
+        ({"prompt": "1", "background": "transparent"}, "background", "unsupported_value"),
+        ({"prompt": "1", "zipar_window": 0}, "zipar_window", "invalid_value"),
+        ({"prompt": "1", "zipar_window": 2.5}, "zipar_window", "invalid_type"),
+        ({"prompt": "1", "decoding": "ntp", "zipar_window": 2}, "zipar_window", "invalid_value"),
+        ({"prompt": "1", "decoding": "beam"}, "decoding", "unsupported_value"),
+        ({"prompt": "1", "cfg_scale": -1}, "cfg_scale", "invalid_value"),
+        ({"prompt": "1", "cfg_scale": "2"}, "cfg_scale", "invalid_type"),
+        ({"prompt": "1", "cfg_interval": -2}, "cfg_interval", "invalid_value"),
+        ({"prompt": "1", "temperature": -0.1}, "temperature", "invalid_value"),
+        ({"prompt": "1", "top_p": 0}, "top_p", "invalid_value"),
+        ({"prompt": "1", "top_k": -1}, "top_k", "invalid_value"),
+        ({"prompt": "1", "seed": -1}, "seed", "invalid_value"),
+        ({"prompt": "1", "stream": "yes"}, "stream", "invalid_type"),
+        ({"prompt": "1", "partial_images": 4, "stream": True}, "partial_images", "invalid_value"),
+        ({"prompt": "1", "partial_images": 1}, "partial_images", "invalid_value"),
+        ({"prompt": "1", "num_inference_steps": 4}, "num_inference_steps", "unknown_parameter"),
+    ],
+)
+def test_each_bad_field_is_a_400_naming_it(body, param, code):
+    error = error_of(body)
+    assert (error.status, error.param, error.code) == (400, param, code)
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    assert error.body()["error"]["type"] == "invalid_request_error" and error.message
+
+
+def test_class_prompts_by_index_and_case_insensitive_name():
+    names = ClassNames(3, [["Golden Retriever", "golden retriever"], ["crane"], ["crane", "derrick"]])
+    assert names.label("1") == 1 and names.label(" GOLDEN   retriever ") == 0 and names.label("derrick") == 2
+    with pytest.raises(ClassNameError, match="ambiguous"):
+        names.label("crane")  # a primary name of class 1 too, and class 2's primary is also 'crane'
+    with pytest.raises(ClassNameError, match="out of range"):
+        names.label("3")
+    with pytest.raises(ClassNameError, match="did you mean 'derrick'"):
+        names.label("derick")
+
+
+def test_imagenet_and_digit_names():
+    class Config:
+        num_classes = 1000
+
+    imagenet = ClassNames.for_config(Config())
+    assert imagenet.label("golden retriever") == 207 == imagenet.label("Golden Retriever")
+    assert imagenet.label("tench") == 0 and imagenet.label("Tinca tinca") == 0
+    Config.num_classes = 10
+    assert ClassNames.for_config(Config()).label("Seven") == 7
+    Config.class_names = [f"c{i}" for i in range(10)]
+    assert ClassNames.for_config(Config()).label("c3") == 3

@@ -1,0 +1,98 @@
+"""Our `vllm` console command: `--decoding` / `--zipar-window` become engine arguments (no server here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from vllm_zipar.engine import SCHEDULER_CLS, worker_cls_name
+from vllm_zipar.models.model_dir import write_random_model_dir
+from vllm_zipar.serving.launch import vllm_command
+from vllm_zipar.serving.vllm_command import CommandError, allow_our_route, serve_argv, take_our_flags
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cmd")
+    write_random_model_dir(path, with_vq=False, dim=64, n_layer=1, n_head=2, codebook_size=64, grid_size=4)
+    return str(path)
+
+
+def value_of(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_our_flags_are_taken_out_in_every_spelling():
+    rest, ours = take_our_flags(["serve", "m", "--decoding=zipar", "--zipar_window", "4", "--port", "1"])
+    assert rest == ["serve", "m", "--port", "1"]
+    assert ours == {"--decoding": "zipar", "--zipar-window": "4"}
+
+
+def test_decoding_adds_the_engine_arguments(model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    env: dict[str, str] = {}
+    argv = serve_argv(["serve", model_dir, "--decoding", "zipar", "--zipar-window", "3"], env)
+    assert argv[:2] == ["serve", model_dir] and "--decoding" not in argv
+    assert json.loads(value_of(argv, "--additional-config")) == {"zipar": {"decoding": "zipar", "window": 3}}
+    assert value_of(argv, "--dtype") == "float32" and value_of(argv, "--scheduler-cls") == SCHEDULER_CLS
+    assert value_of(argv, "--worker-cls") == worker_cls_name()
+    assert "--skip-tokenizer-init" in argv and "--enforce-eager" in argv
+    assert int(value_of(argv, "--max-model-len")) > 16
+    assert int(value_of(argv, "--kv-cache-memory-bytes")) == 1 << 30
+    assert set(env["VLLM_PLUGINS"].split(",")) >= {"vllm_zipar", "vllm_zipar_images"}
+
+
+def test_user_engine_arguments_win(model_dir):
+    argv = serve_argv(
+        ["serve", model_dir, "--decoding", "ntp", "--dtype=float32", "--max_model_len", "99",
+         "--kv-cache-memory-bytes", "5", "--no-enforce-eager"],
+        {},
+    )  # fmt: skip
+    assert argv.count("--max_model_len") == 1 and "--max-model-len" not in argv
+    assert "--dtype" not in argv and "--enforce-eager" not in argv
+    assert argv.count("--kv-cache-memory-bytes") == 1
+    assert json.loads(value_of(argv, "--additional-config")) == {"zipar": {"decoding": "ntp", "window": None}}
+
+
+def test_without_decoding_the_command_is_vllms_own(model_dir):
+    env: dict[str, str] = {}
+    assert serve_argv(["serve", model_dir, "--port", "8001"], env) == ["serve", model_dir, "--port", "8001"]
+    assert env == {}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decoding", "beam"], "--decoding"),
+        (["--zipar-window", "0"], "--zipar-window"),
+        (["--zipar-window", "x"], "--zipar-window"),
+        (["--decoding", "ntp", "--zipar-window", "4"], "--zipar-window"),
+    ],
+)
+def test_bad_flags_are_refused_before_vllm_starts(model_dir, args, message):
+    with pytest.raises(CommandError, match=message):
+        serve_argv(["serve", model_dir, *args], {})
+
+
+def test_a_non_model_directory_is_refused(tmp_path):
+    with pytest.raises(CommandError, match="config.json"):
+        serve_argv(["serve", str(tmp_path), "--decoding", "zipar"], {})
+
+
+def test_the_route_is_added_to_an_existing_allow_list():
+    env = {"VLLM_PLUGINS": "other"}
+    allow_our_route(env)
+    assert env["VLLM_PLUGINS"] == "other,vllm_zipar,vllm_zipar_images"
+
+
+@pytest.mark.serving
+def test_the_installed_vllm_command_is_ours_and_lists_our_flags():
+    """The script scripts/install.sh left in the venv runs vLLM's CLI (its version lookup patched on the
+    CPU build) with our flags in `vllm serve --help`."""
+    done = subprocess.run(
+        [str(vllm_command()), "serve", "--help=zipar"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--decoding {zipar,ntp}" in done.stdout and "--zipar-window" in done.stdout

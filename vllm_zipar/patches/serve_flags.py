@@ -1,0 +1,59 @@
+"""Lists our `vllm serve` flags (`--decoding`, `--zipar-window`) in `vllm serve --help`.
+
+vLLM 0.32 has no hook for plugin flags on `vllm serve`. Our `vllm` console command
+(`vllm_zipar.serving.vllm_command`) takes the flags out of `sys.argv` before vLLM parses them; this patch
+wraps `vllm.entrypoints.cli.serve.ServeSubcommand.subparser_init` so the parser it returns also has a
+"ZipAR" group with the two flags, which makes them visible in `--help`, `--help=zipar` and `--help=all`
+(and accepted, should they ever reach vLLM's parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+WRITTEN_FOR = "0.32.0"
+GROUP_TITLE = "ZipAR"
+GROUP_DESCRIPTION = (
+    "vllm-zipar: serve a LlamaGen image model with ZipAR parallel decoding and POST /v1/images/generations"
+)
+
+
+def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group(GROUP_TITLE, GROUP_DESCRIPTION)
+    group.add_argument(
+        "--decoding",
+        choices=["zipar", "ntp"],
+        default=None,
+        help="Serve MODEL_DIR (a vllm-zipar LlamaGen model directory) as an image model: sets the engine "
+        "arguments it needs (dtype float32, our scheduler and worker, ...) unless given, and enables "
+        "POST /v1/images/generations. The engine's default decoding; requests may override it.",
+    )
+    group.add_argument(
+        "--zipar-window",
+        type=int,
+        default=None,
+        help="ZipAR window (int >= 1; default 8): columns of a row decoded before the next row starts. "
+        "Implies --decoding zipar.",
+    )
+    return group
+
+
+def apply() -> None:
+    from vllm_zipar.patches import check_vllm_version
+
+    check_vllm_version(__name__, WRITTEN_FOR)
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    original = ServeSubcommand.subparser_init
+    if getattr(original, "_vllm_zipar_patched", False):
+        return
+
+    @functools.wraps(original)
+    def subparser_init(self, subparsers):
+        parser = original(self, subparsers)
+        add_zipar_arguments(parser)
+        return parser
+
+    subparser_init._vllm_zipar_patched = True  # type: ignore[attr-defined]
+    ServeSubcommand.subparser_init = subparser_init

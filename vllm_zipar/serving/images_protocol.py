@@ -1,0 +1,254 @@
+"""The body of `POST /v1/images/generations`, read and checked field by field (OpenAI's Images API).
+
+OpenAI fields: `model`, `prompt` (here: a class index or class name), `n` (1-10), `size` (the model's native
+"WxH" or "auto"), `response_format` ("b64_json"; "url" is refused), `output_format` (png, jpeg, webp),
+`output_compression` (0-100, jpeg/webp), `stream`, `partial_images` (0-3), `user`; `quality`, `background`
+("transparent" is refused), `moderation` and `style` are accepted and ignored. Extension fields sit at the
+top level of the body, as vLLM-Omni does: `seed`, `cfg_scale`, `cfg_interval`, `decoding`, `zipar_window`,
+`temperature`, `top_k`, `top_p`, and the debug field `return_tokens`. Anything else is a 400 naming it.
+
+Every check raises `ImageAPIError`, which carries the HTTP status and OpenAI's error body (`message`, `type`,
+`param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_IMAGES = 10
+MAX_PARTIAL_IMAGES = 3
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+IGNORED_FIELDS = ("quality", "moderation", "style")
+
+
+class ImageAPIError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = "invalid_value",
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+        self.type = type
+
+    @classmethod
+    def server_error(cls, message: str) -> ImageAPIError:
+        return cls(message, code="server_error", status=500, type="server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ImageGenerationRequest:
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    output_format: str = "png"
+    output_compression: int | None = None
+    stream: bool = False
+    partial_images: int = 0
+    user: str | None = None
+    seed: int | None = None
+    cfg_scale: float | None = None
+    cfg_interval: int | None = None
+    decoding: str | None = None
+    zipar_window: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    return_tokens: bool = False
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `ImageRequests.request_inputs` (seed excluded: it varies per image)."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "decoding": self.decoding,
+            "zipar_window": self.zipar_window,
+            "cfg_scale": self.cfg_scale,
+            "cfg_interval": self.cfg_interval,
+        }
+
+
+def _type_error(param: str, expected: str, value: Any) -> ImageAPIError:
+    return ImageAPIError(
+        f"Invalid type for '{param}': expected {expected}, but got {type(value).__name__} {value!r}.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _int(body: dict[str, Any], param: str, low: int | None = None, high: int | None = None) -> int | None:
+    value = body.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(param, "an integer", value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ImageAPIError(f"'{param}' must be {bounds}, got {value}.", param=param)
+    return value
+
+
+def _number(body: dict[str, Any], param: str) -> float | None:
+    value = body.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _type_error(param, "a finite number", value)
+    return float(value)
+
+
+def _str(body: dict[str, Any], param: str) -> str | None:
+    value = body.get(param)
+    if value is not None and not isinstance(value, str):
+        raise _type_error(param, "a string", value)
+    return value
+
+
+def _bool(body: dict[str, Any], param: str) -> bool:
+    value = body.get(param, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _type_error(param, "a boolean", value)
+    return value
+
+
+KNOWN_FIELDS = set(ImageGenerationRequest.__dataclass_fields__) | {"size", "response_format", "background"}
+KNOWN_FIELDS |= set(IGNORED_FIELDS)
+
+
+def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
+    """Read and check a request body; `native_size` is the model's "WxH"."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ImageAPIError(f"The request body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ImageAPIError("The request body must be a JSON object.", code="invalid_json")
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise ImageAPIError(f"Unknown parameter: '{unknown[0]}'.", param=unknown[0], code="unknown_parameter")
+
+    prompt = _str(body, "prompt")
+    if prompt is None:
+        raise ImageAPIError(
+            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+        )
+    if not prompt.strip():
+        raise ImageAPIError("'prompt' must name a class (an index or a class name).", param="prompt")
+    n = _int(body, "n", 1, MAX_IMAGES)
+
+    size = _str(body, "size")
+    if size not in (None, "auto", native_size):
+        raise ImageAPIError(
+            f"Invalid value for 'size': {size!r}. This model generates {native_size} images only "
+            f"(use '{native_size}' or 'auto').",
+            param="size",
+            code="unsupported_value",
+        )
+    response_format = _str(body, "response_format")
+    if response_format == "url":
+        raise ImageAPIError(
+            "response_format 'url' is not supported by this server: images are returned inline; "
+            "use 'b64_json'.",
+            param="response_format",
+            code="unsupported_value",
+        )
+    if response_format not in (None, "b64_json"):
+        raise ImageAPIError(
+            f"Invalid value for 'response_format': {response_format!r}; supported: 'b64_json'.",
+            param="response_format",
+            code="unsupported_value",
+        )
+    output_format = _str(body, "output_format")
+    if output_format not in (None, *OUTPUT_FORMATS):
+        raise ImageAPIError(
+            f"Invalid value for 'output_format': {output_format!r}; supported: {', '.join(OUTPUT_FORMATS)}.",
+            param="output_format",
+            code="unsupported_value",
+        )
+    output_compression = _int(body, "output_compression", 0, 100)
+    background = _str(body, "background")
+    if background not in (None, "auto", "opaque"):
+        raise ImageAPIError(
+            f"Invalid value for 'background': {background!r}; this model draws opaque images.",
+            param="background",
+            code="unsupported_value",
+        )
+    for param in IGNORED_FIELDS:
+        _str(body, param)
+
+    stream = _bool(body, "stream")
+    partial_images = _int(body, "partial_images", 0, MAX_PARTIAL_IMAGES)
+    if partial_images and not stream:
+        raise ImageAPIError("'partial_images' needs 'stream': true.", param="partial_images")
+
+    decoding = _str(body, "decoding")
+    if decoding not in (None, "zipar", "ntp"):
+        raise ImageAPIError(
+            f"Invalid value for 'decoding': {decoding!r}; supported: 'zipar', 'ntp'.",
+            param="decoding",
+            code="unsupported_value",
+        )
+    zipar_window = _int(body, "zipar_window", 1)
+    if decoding == "ntp" and zipar_window is not None:
+        raise ImageAPIError("'zipar_window' goes with decoding 'zipar', not 'ntp'.", param="zipar_window")
+    cfg_scale = _number(body, "cfg_scale")
+    if cfg_scale is not None and cfg_scale < 1.0:
+        raise ImageAPIError(
+            f"'cfg_scale' must be >= 1 (1 disables guidance), got {cfg_scale}.", param="cfg_scale"
+        )
+    temperature = _number(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise ImageAPIError(f"'temperature' must be >= 0, got {temperature}.", param="temperature")
+    top_p = _number(body, "top_p")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ImageAPIError(f"'top_p' must be in (0, 1], got {top_p}.", param="top_p")
+
+    return ImageGenerationRequest(
+        prompt=prompt,
+        model=_str(body, "model"),
+        n=n if n is not None else 1,
+        output_format=output_format or "png",
+        output_compression=output_compression,
+        stream=stream,
+        partial_images=partial_images or 0,
+        user=_str(body, "user"),
+        seed=_int(body, "seed", 0, 2**63 - 1 - MAX_IMAGES),
+        cfg_scale=cfg_scale,
+        cfg_interval=_int(body, "cfg_interval", -1),
+        decoding=decoding,
+        zipar_window=zipar_window,
+        temperature=temperature,
+        top_k=_int(body, "top_k", 0),
+        top_p=top_p,
+        return_tokens=_bool(body, "return_tokens"),
+    )
+
+
+def param_of_engine_error(message: str) -> str | None:
+    """Which request field a `ValueError` from `ImageRequests.request_inputs` is about."""
+    for param in ("zipar_window", "cfg_interval", "cfg_scale", "temperature", "top_p", "top_k", "decoding"):
+        if param in message:
+            return param
+    if "max_num_batched_tokens" in message:
+        return "zipar_window"
+    if "class" in message:
+        return "prompt"
+    return None

@@ -1,0 +1,462 @@
+"""`POST /v1/images/generations` on vLLM's own OpenAI server: a `vllm.endpoint_plugins` plugin.
+
+vLLM 0.32 loads endpoint plugins in the API server process only, and only when named in `VLLM_PLUGINS`
+(`vllm.plugins.load_endpoint_plugins`; our `vllm serve --decoding ...` names it). `attach_router` adds the
+route while the app is built; `init_state` runs once the engine client exists and builds the
+`ImageService` (model config, request builder, VQ decoder, a thread for pixels).
+
+One image is one engine request (`engine_client.generate`, exactly as vLLM's own handlers reach the engine);
+the `n` images of a request run concurrently and their token grids are VQ-decoded in one batch, off the event
+loop. Every field is checked before anything reaches the engine (`images_protocol.parse_request`, then
+`ImageRequests.request_inputs`). A client that disconnects cancels the handler, which aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from vllm_zipar.engine.request_config import ImageDecoding, engine_default, output_cells
+from vllm_zipar.serving.class_names import ClassNameError, ClassNames
+from vllm_zipar.serving.image_requests import ImageRequests
+from vllm_zipar.serving.images_protocol import (
+    ImageAPIError,
+    ImageGenerationRequest,
+    param_of_engine_error,
+    parse_request,
+)
+
+ROUTE = "/v1/images/generations"
+# A child of vLLM's "vllm" logger, so our lines share its handler, format and VLLM_LOGGING_LEVEL.
+LOGGER_NAME = "vllm.zipar.images"
+PARTIAL_FILL = 128  # grey for the cells a partial image has not decoded yet
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger(LOGGER_NAME)
+
+
+@dataclass
+class ImageJob:
+    """One image of a request: what the engine gets, and how to read its output."""
+
+    index: int
+    request_id: str
+    prompt: dict[str, Any]
+    params: Any  # vllm.SamplingParams
+    decoding: ImageDecoding
+    seed: int | None
+
+
+@dataclass
+class FinishedImage:
+    job: ImageJob
+    grid: torch.Tensor  # [H, W] VQ codes in raster order
+    stats: dict[str, Any]
+    seconds: float
+
+
+class ImageService:
+    """Everything the route needs about one served class-to-image model."""
+
+    def __init__(
+        self,
+        engine_client: Any,
+        model_dir: str | Path,
+        config: Any,
+        served_names: Sequence[str],
+        token_budget: int,
+        default_decoding: ImageDecoding,
+    ) -> None:
+        self.engine = engine_client
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.served_names = list(served_names)
+        self.requests = ImageRequests(config, default_decoding, token_budget)
+        self.class_names = ClassNames.for_config(config)
+        self.native_size = f"{config.image_size}x{config.image_size}"
+        # One thread: VQ decoding and image encoding leave the event loop; torch parallelises inside.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zipar-pixels")
+        self._vq = None
+        self.log = _logger()
+
+    @classmethod
+    def from_engine(cls, engine_client: Any, args: Any) -> ImageService | None:
+        """The service for the engine's model, or None when it is not one of our image models."""
+        from vllm_zipar.models.model_dir import load_config
+
+        vllm_config = engine_client.vllm_config
+        model_dir = vllm_config.model_config.model
+        try:
+            config = load_config(model_dir)
+        except (OSError, TypeError, ValueError):
+            return None
+        decoding, window = engine_default(vllm_config)
+        served = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or model_dir]
+        budget = vllm_config.scheduler_config.max_num_batched_tokens
+        return cls(engine_client, model_dir, config, served, budget, ImageDecoding.parse(decoding, window))
+
+    # ---------------------------------------------------------------- pixels (executor thread)
+
+    def _vq_model(self):
+        if self._vq is None:
+            from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, load_llamagen_vq
+
+            vq = load_llamagen_vq(
+                self.model_dir / self.config.vq_checkpoint, LlamaGenVQConfig(**self.config.vq_config)
+            )
+            self._vq = vq.cuda() if torch.cuda.is_available() else vq
+        return self._vq
+
+    def _decode(self, grids: torch.Tensor, masks: torch.Tensor | None = None):
+        """PIL images of token grids [B, H, W]; cells where `masks` is True are painted grey."""
+        with torch.inference_mode():
+            images = self._vq_model().to_pil_images(grids)
+        if masks is not None:
+            scale = self.config.image_size // self.config.grid_size
+            for image, mask in zip(images, masks, strict=True):
+                for row, col in mask.nonzero().tolist():
+                    box = (col * scale, row * scale, (col + 1) * scale, (row + 1) * scale)
+                    image.paste((PARTIAL_FILL,) * 3, box)
+        return images
+
+    @staticmethod
+    def _encode(image, output_format: str, compression: int | None) -> str:
+        buffer = io.BytesIO()
+        kwargs: dict[str, Any] = {}
+        if output_format in ("jpeg", "webp") and compression is not None:
+            kwargs["quality"] = compression
+        image.save(buffer, format=output_format.upper(), **kwargs)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def _render(self, grids: torch.Tensor, masks, output_format: str, compression: int | None) -> list[str]:
+        return [self._encode(im, output_format, compression) for im in self._decode(grids, masks)]
+
+    async def render(self, grids: torch.Tensor, req: ImageGenerationRequest, masks=None) -> list[str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, self._render, grids, masks, req.output_format, req.output_compression
+        )
+
+    async def warm_up(self) -> None:
+        """Load the VQ decoder before the first request (in the pixel thread)."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._vq_model)
+
+    # ---------------------------------------------------------------- requests
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_names:
+            raise ImageAPIError(
+                f"The model '{model}' does not exist; this server serves {self.served_names}.",
+                param="model",
+                code="model_not_found",
+                status=404,
+            )
+
+    def jobs(self, req: ImageGenerationRequest) -> list[ImageJob]:
+        """The engine requests of one HTTP request, fully validated (ImageAPIError otherwise)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check_model(req.model)
+        try:
+            label = self.class_names.label(req.prompt)
+        except ClassNameError as err:
+            raise ImageAPIError(str(err), param="prompt", code="unknown_class") from None
+        kwargs = req.sampling_kwargs()
+        base = uuid.uuid4().hex
+        jobs = []
+        try:
+            decoding = self.requests.decoding(
+                req.decoding, req.zipar_window, cfg_scale=req.cfg_scale, cfg_interval=req.cfg_interval
+            )
+            for index in range(req.n):
+                # n images of one seeded request take seeds seed, seed+1, ...: distinct, reproducible.
+                seed = None if req.seed is None else req.seed + index
+                prompt, params = self.requests.request_inputs(label, seed=seed, **kwargs)
+                if not req.stream:  # intermediate outputs are only needed for partial images
+                    params.output_kind = RequestOutputKind.FINAL_ONLY
+                jobs.append(ImageJob(index, f"img-{base}-{index}", prompt, params, decoding, seed))
+        except ValueError as err:
+            raise ImageAPIError(str(err), param=param_of_engine_error(str(err))) from None
+        return jobs
+
+    async def run(
+        self, job: ImageJob, on_output: Callable[[ImageJob, Any], None] | None = None
+    ) -> FinishedImage:
+        start = time.perf_counter()
+        final = None
+        async for out in self.engine.generate(job.prompt, job.params, job.request_id):
+            final = out
+            if on_output is not None and not out.finished:
+                on_output(job, out)
+        stats = ((final.kv_transfer_params or {}).get("zipar") if final is not None else None) or None
+        if stats is None:
+            reason = final.outputs[0].finish_reason if final is not None else "no output"
+            raise RuntimeError(f"image request {job.request_id} ended without image stats ({reason})")
+        grid = self.requests.grid_from_output(final.outputs[0].token_ids, self.requests.decoding_of(stats))
+        finished = FinishedImage(job, grid, stats, time.perf_counter() - start)
+        self._record(finished)
+        return finished
+
+    def _record(self, image: FinishedImage) -> None:
+        from vllm_zipar.serving.metrics import record_image
+        from vllm_zipar.serving.route_metrics import record_served
+
+        record_image(image.stats)
+        record_served(image.stats, image.seconds)
+        self.log.info(
+            "image %s: decoding=%s window=%s cfg_scale=%s passes=%d seconds=%.3f",
+            image.job.request_id,
+            image.stats["decoding"],
+            image.stats.get("window"),
+            image.stats.get("cfg_scale", 1.0),
+            image.stats["passes"],
+            image.seconds,
+        )
+
+    async def run_all(self, jobs: Sequence[ImageJob], on_output=None) -> list[FinishedImage]:
+        """All images of a request; cancelling this (client gone) cancels each, which aborts it."""
+        tasks = [asyncio.create_task(self.run(job, on_output)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            pending = [task for task in tasks if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def usage(self, jobs: Sequence[ImageJob]) -> dict[str, Any]:
+        input_tokens = sum(len(job.prompt["prompt_token_ids"]) for job in jobs)
+        output_tokens = len(jobs) * self.config.grid_size**2
+        return {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": input_tokens},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"image_tokens": output_tokens, "text_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
+
+    async def generate(self, req: ImageGenerationRequest, jobs: Sequence[ImageJob]) -> dict[str, Any]:
+        images = await self.run_all(jobs)
+        b64 = await self.render(torch.stack([image.grid for image in images]), req)
+        data = []
+        for image, encoded in zip(images, b64, strict=True):
+            item: dict[str, Any] = {"b64_json": encoded}
+            if req.return_tokens:
+                item["tokens"] = image.grid.tolist()
+            data.append(item)
+        return {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": req.output_format,
+            "size": self.native_size,
+            "usage": self.usage(jobs),
+        }
+
+    # ---------------------------------------------------------------- streaming
+
+    def partial_grid(self, job: ImageJob, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
+        layout = self.requests.layout(job.decoding)
+        cells = output_cells(layout, job.decoding.window, job.decoding.uncond_prompt_len)
+        grid = torch.full((layout.height * layout.width,), -1, dtype=torch.long)
+        for position, token in zip(cells, token_ids, strict=False):
+            if position is not None:
+                grid[position - layout.prompt_len] = token
+        missing = grid < 0
+        grid[missing] = 0
+        return grid.view(layout.height, layout.width), missing.view(layout.height, layout.width)
+
+    async def stream(self, req: ImageGenerationRequest, jobs: Sequence[ImageJob]) -> AsyncIterator[str]:
+        """Server-sent events: `partial_images` partial images per image, then its completed image."""
+        queue: asyncio.Queue = asyncio.Queue()
+        cells = self.config.grid_size**2
+        sent = [0] * len(jobs)
+
+        def on_output(job: ImageJob, out: Any) -> None:
+            tokens = list(out.outputs[0].token_ids)
+            grid, missing = self.partial_grid(job, tokens)
+            filled = cells - int(missing.sum())
+            while sent[job.index] < req.partial_images and filled * (req.partial_images + 1) >= cells * (
+                sent[job.index] + 1
+            ):
+                queue.put_nowait(("partial", job, sent[job.index], grid, missing))
+                sent[job.index] += 1
+
+        async def one(job: ImageJob) -> None:
+            image = await self.run(job, on_output if req.partial_images else None)
+            queue.put_nowait(("done", job, image))
+
+        async def produce() -> None:
+            tasks = [asyncio.create_task(one(job)) for job in jobs]
+            try:
+                await asyncio.gather(*tasks)
+            except Exception as err:  # reported to the client as an error event
+                queue.put_nowait(("error", err))
+            finally:  # cancelled (client gone) or failed: cancelling the others aborts their requests
+                pending = [task for task in tasks if not task.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+
+        producer = asyncio.create_task(produce())
+        remaining = len(jobs)
+        usage = self.usage(jobs[:1])
+        try:
+            while remaining:
+                event = await queue.get()
+                if event[0] == "error":
+                    yield _sse(
+                        "error", ImageAPIError.server_error(f"image generation failed: {event[1]}").body()
+                    )
+                    return
+                job = event[1]
+                if event[0] == "partial":
+                    _, _, index, grid, missing = event
+                    (b64,) = await self.render(grid[None], req, masks=missing[None])
+                    yield _sse("image_generation.partial_image", self._event(req, job, b64, index=index))
+                    continue
+                image = event[2]
+                while sent[job.index] < req.partial_images:  # the promised count, even if decoding outran us
+                    (b64,) = await self.render(image.grid[None], req)
+                    payload = self._event(req, job, b64, index=sent[job.index])
+                    yield _sse("image_generation.partial_image", payload)
+                    sent[job.index] += 1
+                (b64,) = await self.render(image.grid[None], req)
+                payload = self._event(req, job, b64, usage=usage)
+                if req.return_tokens:
+                    payload["tokens"] = image.grid.tolist()
+                yield _sse("image_generation.completed", payload)
+                remaining -= 1
+        finally:
+            if not producer.done():
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+
+    def _event(self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": "image_generation.partial_image" if usage is None else "image_generation.completed",
+            "b64_json": b64,
+            "background": "opaque",
+            "created_at": int(time.time()),
+            "output_format": req.output_format,
+            "quality": "auto",
+            "size": self.native_size,
+            "image_index": job.index,  # extension: which of the request's n images
+        }
+        if usage is None:
+            event["partial_image_index"] = index
+        else:
+            event["usage"] = usage
+        return event
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only `http.disconnect` is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _error_response(error: ImageAPIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def create_image(request: Request):
+    """The route handler: validate everything, then run (or stream) the images."""
+    service: ImageService | None = getattr(request.app.state, "zipar_images", None)
+    if service is None:
+        return _error_response(
+            ImageAPIError(
+                "This server's model is not a vllm-zipar image model.", code="model_not_supported", status=404
+            )
+        )
+    raw = await request.body()
+    try:
+        req = parse_request(raw, service.native_size)
+        jobs = service.jobs(req)
+    except ImageAPIError as err:
+        return _error_response(err)
+
+    if req.stream:
+        return StreamingResponse(service.stream(req, jobs), media_type="text/event-stream")
+
+    work = asyncio.create_task(service.generate(req, jobs))
+    watcher = asyncio.create_task(_until_disconnected(request))
+    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:  # the client left: cancelling the work aborts its engine requests
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        service.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
+        return None
+    watcher.cancel()
+    try:
+        return work.result()
+    except Exception as err:
+        service.log.exception("image request %s failed", jobs[0].request_id)
+        return _error_response(ImageAPIError.server_error(f"image generation failed: {err}"))
+
+
+class ZipARImagesPlugin:
+    """The `vllm.endpoint_plugins` entry (`vllm_zipar_images`): adds `POST /v1/images/generations`."""
+
+    name = "vllm_zipar_images"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter()
+
+        @router.post(ROUTE)
+        async def images_generations(raw_request: Request):
+            return await create_image(raw_request)
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        from vllm_zipar.serving.metrics import ensure_registered
+        from vllm_zipar.serving.route_metrics import ensure_route_metrics
+
+        if engine_client is None:
+            return
+        service = ImageService.from_engine(engine_client, args)
+        if service is None:
+            _logger().warning("%s: the model is not a vllm-zipar model directory; route disabled", ROUTE)
+            return
+        await service.warm_up()
+        # vLLM unregisters every `vllm:` collector when its own loggers start (before this runs).
+        ensure_registered()
+        ensure_route_metrics()
+        state.zipar_images = service
+        _logger().info(
+            "%s serves %s (%s, default %s)",
+            ROUTE,
+            service.served_names,
+            service.native_size,
+            service.requests.default_decoding,
+        )
+
+
+def plugin() -> ZipARImagesPlugin:
+    return ZipARImagesPlugin()

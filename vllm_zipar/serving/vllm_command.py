@@ -1,0 +1,193 @@
+"""Our `vllm` console command: vLLM's own CLI, plus `vllm serve MODEL_DIR --decoding zipar|ntp`.
+
+vLLM has no hook for plugin flags on `vllm serve`, so (as vLLM-Omni does for `--omni`) this package installs
+the `vllm` console script. It applies our CLI patches (`vllm_zipar.patches`: the CPU build's version lookup,
+the flags in `--help`), takes `--decoding` / `--zipar-window` out of the arguments, adds the engine arguments
+an image model needs unless the user gave them (`image_engine_args`), allow-lists our HTTP route in
+`VLLM_PLUGINS`, and hands everything else to `vllm.entrypoints.cli.main.main` unchanged. Without `--decoding`
+it is exactly vLLM's command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ENDPOINT_PLUGIN_NAME = "vllm_zipar_images"
+DEFAULT_ZIPAR_WINDOW = 8
+OUR_FLAGS = ("--decoding", "--zipar-window")
+
+
+class CommandError(ValueError):
+    pass
+
+
+def _flag_names(flag: str) -> tuple[str, ...]:
+    """The spellings vLLM's parser accepts for one flag (it reads `_` and `-` alike)."""
+    return (flag, "--" + flag[2:].replace("-", "_"))
+
+
+def _has_flag(argv: Sequence[str], flag: str) -> bool:
+    names = _flag_names(flag)
+    negated = tuple("--no-" + name[2:] for name in names)
+    return any(arg in names + negated or arg.split("=", 1)[0] in names for arg in argv)
+
+
+def take_our_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """`argv` without `--decoding` / `--zipar-window` (any spelling, `--f v` or `--f=v`), and their values."""
+    rest: list[str] = []
+    found: dict[str, str] = {}
+    spellings = {name: flag for flag in OUR_FLAGS for name in _flag_names(flag)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in spellings:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise CommandError(f"{name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            found[spellings[name]] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, found
+
+
+def model_of(argv: Sequence[str]) -> str | None:
+    """The model of `serve` arguments (`argv[0]` is "serve"): `--model X` or the first positional."""
+    for i, arg in enumerate(argv):
+        if arg in ("--model",) and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    if len(argv) > 1 and not argv[1].startswith("-"):
+        return argv[1]
+    return None
+
+
+def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequence[str]) -> list[str]:
+    """The `vllm serve` flags our engine arguments become, leaving out every one the user set."""
+    from vllm_zipar.engine.request_config import ImageDecoding
+    from vllm_zipar.models.model_dir import load_config
+    from vllm_zipar.serving.image_requests import image_engine_args
+
+    try:
+        config = load_config(model_dir)
+    except (OSError, TypeError, ValueError) as err:
+        raise CommandError(f"--decoding needs a vllm-zipar model directory; {model_dir}: {err}") from err
+    chosen = ImageDecoding.parse(decoding, window)
+    user_set = {}
+    for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"):
+        if _has_flag(argv, "--" + key.replace("_", "-")):
+            user_set[key] = True
+    kwargs = image_engine_args(model_dir, config, chosen, {})
+    if user_set:  # the user sized the KV cache: our CPU default must not compete with it
+        kwargs.pop("kv_cache_memory_bytes", None)
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "additional_config":
+            flags += _additional_config(argv, value)
+            continue
+        if _has_flag(argv, flag):
+            continue
+        if value is True:
+            flags.append(flag)
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _additional_config(argv: Sequence[str], ours: dict) -> list[str]:
+    """Our `zipar` entry goes into the user's `--additional-config` JSON unless it has one already."""
+    names = _flag_names("--additional-config")
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            raw = value if eq else (argv[i + 1] if i + 1 < len(argv) else "{}")
+            try:
+                user = json.loads(raw)
+            except json.JSONDecodeError:
+                return []  # vLLM reports the malformed JSON itself
+            if "zipar" in user:
+                return []
+            raise CommandError(
+                "--additional-config is given without a 'zipar' entry; add "
+                f"{json.dumps({'zipar': ours['zipar']})} to it or drop --decoding"
+            )
+    return ["--additional-config", json.dumps(ours)]
+
+
+def allow_our_route(environ: dict[str, str]) -> None:
+    """Endpoint plugins load only when named in VLLM_PLUGINS, and naming any plugin there drops every
+    general plugin not named: so list all installed general plugins (ours included) plus the route."""
+    from importlib.metadata import entry_points
+
+    current = environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = [name.strip() for name in current.split(",") if name.strip()]
+        if "vllm_zipar" not in names:
+            names.append("vllm_zipar")
+    if ENDPOINT_PLUGIN_NAME not in names:
+        names.append(ENDPOINT_PLUGIN_NAME)
+    environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(names))
+
+
+def serve_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """`vllm serve ...` arguments with ours replaced by engine arguments (argv[0] is "serve")."""
+    environ = os.environ if environ is None else environ
+    rest, ours = take_our_flags(argv)
+    if not ours or any(arg == "-h" or arg.startswith("--help") for arg in rest):
+        return rest
+    decoding = ours.get("--decoding", "zipar")
+    window: int | None = None
+    if "--zipar-window" in ours:
+        if decoding != "zipar":
+            raise CommandError(f"--zipar-window goes with --decoding zipar, not --decoding {decoding}")
+        try:
+            window = int(ours["--zipar-window"])
+        except ValueError:
+            value = ours["--zipar-window"]
+            raise CommandError(f"--zipar-window must be an integer >= 1, got {value!r}") from None
+    elif decoding == "zipar":
+        window = DEFAULT_ZIPAR_WINDOW
+    if decoding not in ("zipar", "ntp"):
+        raise CommandError(f"--decoding must be 'zipar' or 'ntp', got {decoding!r}")
+    if window is not None and window < 1:
+        raise CommandError(f"--zipar-window must be an integer >= 1, got {window}")
+    model = model_of(rest)
+    if model is None or not Path(model, "config.json").is_file():
+        raise CommandError(f"--decoding needs a model directory with a config.json, got {model!r}")
+    flags = engine_flags(model, decoding, window, rest)
+    allow_our_route(environ)
+    return rest + flags
+
+
+def main() -> None:
+    from vllm_zipar.patches import apply_cli_patches
+
+    argv = sys.argv[1:]
+    if argv[:1] == ["serve"]:
+        try:
+            argv = serve_argv(argv)
+        except CommandError as err:
+            print(f"vllm serve: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    apply_cli_patches()
+    sys.argv = [sys.argv[0], *argv]
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()
