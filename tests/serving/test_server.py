@@ -166,8 +166,8 @@ def test_mixed_bad_good_and_abandoned_requests_leave_the_server_healthy(served):
     good = {"prompt": "6", "seed": 1, **SAMPLING}
     bodies = []
     for i in range(200):
-        if i % 4 == 0:
-            bodies.append(({**good, "zipar_window": 1 + i % 8}, 200))
+        if i % 8 == 0:  # 25 good requests among 175 bad ones
+            bodies.append(({**good, "zipar_window": 1 + i % 7}, 200))
         else:
             body, status, _, _ = ERRORS[i % len(ERRORS)]
             bodies.append((body, status))
