@@ -11,18 +11,18 @@ with the model's VQ and scores them with the shipped classifier (``models/digits
   in scale: real training digits vs held-out (the floor for a perfect generator) and the VQ's reconstructions
   of the held-out digits (the tokenizer's own cost).
 
-No classifier-free guidance (the engine has none yet): sampling is plain temperature/top-k. Same seeds in
-every mode, and seeded draws are position-keyed, so NTP and ZipAR differ only through the context each cell
-saw; the script also reports the fraction of grid cells identical to NTP's. Writes
+Sampling: the model directory's ``sampling_defaults`` (config.json; classifier-free guidance included)
+unless ``--cfg-scale`` / ``--temperature`` / ``--top-k`` / ``--top-p`` say otherwise. Same seeds in every
+mode, and seeded draws are position-keyed, so NTP and ZipAR differ only through the context each cell saw;
+the script also reports the fraction of grid cells identical to NTP's. Writes
 ``benchmarks/results/quality.json``, ``quality.png`` (scores per mode) and ``quality_samples_<mode>.png``.
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python benchmarks/quality.py [--windows 4 8]
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python benchmarks/quality.py [--windows 16 8 4 2 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -36,9 +36,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# No CFG: T = 0.7 scored best for class accuracy in a sweep (T 1.0, 0.7, 0.5; top-k 0 or 5).
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_K = 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,11 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(ROOT / "models" / "digits"))
     parser.add_argument("--per-class", type=int, default=50, help="samples per digit (10 digits)")
     parser.add_argument("--seed", type=int, default=1000, help="sample i uses seed SEED + i")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="0 disables top-k")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's")
+    parser.add_argument("--top-k", type=int, default=None, help="0 disables top-k; default: the model's")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
     parser.add_argument(
-        "--windows", type=int, nargs="*", default=[], help="ZipAR windows to score besides NTP (e.g. 4 8 12)"
+        "--windows",
+        type=int,
+        nargs="*",
+        default=[16, 8, 4, 2, 1],
+        help="ZipAR windows to score besides NTP (default W, W/2, 4, 2, 1 of the 16-wide demo grid)",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
@@ -58,20 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def engine_supports_decoding(generator) -> bool:
-    """Whether this build's ImageGenerator can choose the decoding per call (the ZipAR engine)."""
-    return "decoding" in inspect.signature(generator.generate).parameters
+def sampling(args, defaults: dict) -> dict:
+    """The sampling every mode uses: the command line over the model's defaults."""
+    chosen = {name: getattr(args, name) for name in ("cfg_scale", "temperature", "top_k", "top_p")}
+    return {name: defaults[name] if value is None else value for name, value in chosen.items()}
 
 
-def generate(generator, labels, seeds, args, mode: dict) -> torch.Tensor:
+def generate(generator, labels, seeds, sampled: dict, mode: dict) -> torch.Tensor:
     """Token grids [N, H, W] for one mode; raises if the engine refuses the mode."""
-    kwargs = dict(seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if engine_supports_decoding(generator):
-        # Per request: SamplingParams.extra_args = {"decoding": ..., "zipar_window": ...}.
-        kwargs.update(decoding=mode["decoding"], zipar_window=mode["window"])
-    elif mode["decoding"] != "ntp":
-        raise NotImplementedError("this engine build has no per-request decoding choice (no ZipAR yet)")
-    results = generator.generate(labels, **kwargs)
+    results = generator.generate(
+        labels, seeds=seeds, decoding=mode["decoding"], zipar_window=mode["window"], **sampled
+    )
     return torch.stack([r.tokens for r in results])
 
 
@@ -107,8 +106,8 @@ def plot(results: dict, path: Path) -> bool:
     ax_fd.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.suptitle(
         f"demo model samples, {results['samples_per_mode']} per mode, "
-        f"T={results['sampling']['temperature']}, "
-        f"top-k={results['sampling']['top_k']}, no CFG"
+        f"CFG {results['sampling']['cfg_scale']:g}, T={results['sampling']['temperature']}, "
+        f"top-k={results['sampling']['top_k']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -135,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     generator = ImageGenerator(model_dir, kv_cache_memory_bytes=args.kv_cache_mib << 20)
     engine_start_s = time.perf_counter() - start
+    sampled = sampling(args, generator.config.sampling_defaults)
+    print(f"[quality] sampling: {sampled}")
     vq = load_llamagen_vq(
         model_dir / generator.config.vq_checkpoint, LlamaGenVQConfig(**generator.config.vq_config)
     )
@@ -165,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         entry = dict(mode)
         t = time.perf_counter()
         try:
-            tokens = generate(generator, labels, seeds, args, mode)
+            tokens = generate(generator, labels, seeds, sampled, mode)
         except (NotImplementedError, ValueError, TypeError, KeyError, RuntimeError) as error:
             entry["skipped"] = f"{type(error).__name__}: {error}"
             print(f"[quality] {mode['name']}: skipped, the engine does not take it ({entry['skipped']})")
             rows.append(entry)
             continue
         entry["generate_s"] = round(time.perf_counter() - t, 2)
+        entry["passes_per_image"] = generator.generate(
+            [0], seeds=[0], decoding=mode["decoding"], zipar_window=mode["window"], **sampled
+        )[0].passes
         with torch.no_grad():
             pixels = vq.decode_codes(tokens)
         predicted = clf.predict(classifier, pixels)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
         "samples_per_mode": len(labels),
         "seeds": f"{args.seed} .. {args.seed + len(labels) - 1} (sample i: class i // {args.per_class})",
-        "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "cfg": None},
+        "sampling": sampled,
         "metric_note": (
             "Fréchet distance of the digit classifier's 64-d penultimate features vs real held-out digits: "
             "FID-like, not comparable to Inception FID"

@@ -1,0 +1,75 @@
+"""Per-request decoding and guidance choices: parsing, errors, output lengths and salts (no engine)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_zipar.engine.request_config import Guidance, ImageDecoding, image_decoding_for, output_cells
+from vllm_zipar.zipar.layout import GridLayout
+from vllm_zipar.zipar.plan import ZipARPlan
+
+
+def test_scale_one_means_no_unconditional_sequence():
+    assert Guidance.parse(1.0, None) is None
+    assert Guidance.parse(1, 1) is None
+    assert Guidance.parse(2.5, 1, 7) == Guidance(2.5, 1, 7)
+
+
+@pytest.mark.parametrize(
+    "scale, uncond, interval, message",
+    [
+        (-1.0, 1, -1, "cfg_scale must be a finite number >= 1"),
+        (0.5, 1, -1, "cfg_scale must be a finite number >= 1"),
+        (math.nan, 1, -1, "cfg_scale must be a finite number >= 1"),
+        (math.inf, 1, -1, "cfg_scale must be a finite number >= 1"),
+        ("2", 1, -1, "cfg_scale must be a number >= 1"),
+        (True, 1, -1, "cfg_scale must be a number >= 1"),
+        (2.0, None, -1, "needs cfg_uncond_prompt_len"),
+        (2.0, 0, -1, "needs cfg_uncond_prompt_len"),
+        (2.0, 1, -2, "cfg_interval must be an int >= -1"),
+        (2.0, 1, 1.5, "cfg_interval must be an int >= -1"),
+    ],
+)
+def test_bad_guidance_is_refused_with_the_parameter_named(scale, uncond, interval, message):
+    with pytest.raises(ValueError, match=message):
+        Guidance.parse(scale, uncond, interval)
+
+
+def test_guided_requests_read_their_extra_args_and_split_the_prompt():
+    config = SimpleNamespace(additional_config={"zipar": {"decoding": "zipar", "window": 4}})
+    params = SimpleNamespace(extra_args={"cfg_scale": 3.0, "cfg_uncond_prompt_len": 1})
+    decoding = image_decoding_for(params, config)
+    assert decoding == ImageDecoding("zipar", 4, Guidance(3.0, 1, -1))
+    layout = decoding.layout(SimpleNamespace(grid_size=8), prompt_len=2)
+    assert layout == GridLayout(prompt_len=1, height=8, width=8)
+    with pytest.raises(ValueError, match="leaves no conditional prompt"):
+        decoding.layout(SimpleNamespace(grid_size=8), prompt_len=1)
+    assert decoding.cache_salt == "zipar-w4-cfg1"
+    assert ImageDecoding("zipar", 4).cache_salt == "zipar-w4"
+
+
+def fed_after_prompt(layout, window):
+    plan = ZipARPlan(layout, window)
+    inputs = plan.prefill_inputs([0] * layout.prompt_len)
+    while inputs:
+        plan.record([0] * sum(f.predicts is not None for f in inputs))
+        inputs = plan.next_inputs()
+    return plan.num_fed - layout.prompt_len
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 4, 8])
+def test_guided_output_is_both_streams_feeds_and_reads_back_to_every_cell_once(window):
+    layout = GridLayout(prompt_len=1, height=8, width=8)
+    fed = fed_after_prompt(layout, window)
+    plain = output_cells(layout, window)
+    guided = output_cells(layout, window, 1)
+    last_pass = len(plain) - fed
+    assert len(guided) == 2 * fed + last_pass
+    assert sorted(c for c in guided if c is not None) == sorted(c for c in plain if c is not None)
+    assert len({c for c in guided if c is not None}) == 64  # every cell once, from the conditional stream
+    decoding = ImageDecoding.parse("ntp" if window is None else "zipar", window)
+    with pytest.raises(ValueError, match="with cfg_scale=2.0 on a 8x8 grid feeds up to"):
+        decoding.with_guidance(Guidance(2.0, 1)).check_fits(layout, 1)
