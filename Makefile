@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_MODEL ?= out/random-model
 
-.PHONY: install demo test lint clean train-demo quality
+.PHONY: install demo test lint clean train-demo quality serve
 
 install:
 	bash scripts/install.sh
@@ -13,6 +13,11 @@ demo: install
 	  $(PY) -m vllm_zipar.cli write-random-model $(DEMO_MODEL); \
 	fi
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m vllm_zipar.cli demo --model $(DEMO_MODEL) --out out/demo.png
+
+# vLLM's OpenAI server with POST /v1/images/generations on the digits model (see docs/serving.md).
+SERVE_MODEL ?= models/digits
+serve: install
+	.venv/bin/vllm serve $(SERVE_MODEL) --decoding zipar --zipar-window 8 $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q -ra --durations=15

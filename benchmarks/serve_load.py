@@ -33,6 +33,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def display_path(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def settled_kv_usage(server, timeout: float = 15.0) -> float:
     """vLLM's KV usage gauge once it settles at zero (it is refreshed by engine steps), or its last value."""
     deadline = time.monotonic() + timeout
@@ -145,12 +150,13 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-            log.unlink(missing_ok=True)
+    if server is not None and not result["errors"]:
+        log.unlink(missing_ok=True)  # kept when a request failed
 
     latencies = result["latencies_s"]
     images_per_s = requests * args.n / result["wall_s"]
     summary = {
-        "model": str(args.model),
+        "model": display_path(args.model),
         "window": args.window,
         "clients": clients,
         "requests": requests,

@@ -51,6 +51,14 @@ def _logger():
     return init_logger(LOGGER_NAME)
 
 
+def _single_threaded_torch() -> None:
+    """On CPU the engine's worker owns the cores (vLLM binds its OpenMP threads). A second OpenMP pool in
+    this process, fighting it for them, slowed VQ decoding ~20x under load: images then finished one every
+    ~0.4 s behind the pixel thread (benchmarks/serve_load.py, 2 cores: 1.9-3.9 images/s; 6.2 with this)."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
 @dataclass
 class ImageJob:
     """One image of a request: what the engine gets, and how to read its output."""
@@ -90,8 +98,10 @@ class ImageService:
         self.requests = ImageRequests(config, default_decoding, token_budget)
         self.class_names = ClassNames.for_config(config)
         self.native_size = f"{config.image_size}x{config.image_size}"
-        # One thread: VQ decoding and image encoding leave the event loop; torch parallelises inside.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zipar-pixels")
+        # One thread: VQ decoding and image encoding leave the event loop.
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="zipar-pixels", initializer=_single_threaded_torch
+        )
         self._vq = None
         self.log = _logger()
 

@@ -62,6 +62,11 @@ class ServedModel:
         self.args = args
         self.log_path = Path(log_path) if log_path is not None else None
         self.env = {**os.environ, **(env or {})}
+        # Offline tests and benchmarks run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0); inherited by a
+        # server, it puts the CPU worker in the engine core process without its OpenMP thread binding, and
+        # steps got 10-100x slower under load here. The server keeps vLLM's own process layout.
+        if env is None or "VLLM_ENABLE_V1_MULTIPROCESSING" not in env:
+            self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
 
