@@ -91,18 +91,24 @@ def plot(results: dict, path: Path) -> bool:
         print("[quality] matplotlib not installed (pip install -e '.[demo]'): no plot")
         return False
     modes = [m for m in results["modes"] if "accuracy" in m]
-    names = [m["name"] for m in modes]
+    names = [
+        m["name"].replace("ZipAR ", "")
+        + (f"\n{m['passes_per_image']}" if "passes_per_image" in m else "")
+        for m in modes
+    ]
     refs = results["reference"]
-    fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_acc.bar(names, [100 * m["accuracy"] for m in modes], color="tab:blue")
     ax_acc.axhline(100 * refs["real_heldout_accuracy"], color="gray", ls="--", label="real held-out digits")
     ax_acc.set_ylabel("classifier accuracy (%)")
-    ax_acc.set_ylim(0, 100)
+    ax_acc.set_ylim(0, 105)
     ax_acc.legend(loc="lower right")
     ax_fd.bar(names, [m["frechet_distance"] for m in modes], color="tab:orange")
     ax_fd.axhline(refs["frechet_train_vs_heldout"], color="gray", ls="--", label="real train vs held-out")
     ax_fd.axhline(refs["frechet_vq_reconstruction"], color="black", ls=":", label="VQ reconstructions")
     ax_fd.set_ylabel("Fréchet distance (classifier features)")
+    for ax in (ax_acc, ax_fd):
+        ax.set_xlabel("decoding (forward passes per image)")
     ax_fd.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.suptitle(
         f"demo model samples, {results['samples_per_mode']} per mode, "
