@@ -55,6 +55,11 @@ def cmd_write_random_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.serve:
+        from vllm_zipar.serving.demo import run_served_demo
+
+        run_served_demo(Path(args.model), Path(args.out), num_classes=args.num_classes, seed=args.seed)
+        return 0
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm_zipar.serving.demo import run_demo
 
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo.png")
     p.add_argument("--num-classes", type=int, default=8, help="how many classes to draw (from 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--serve", action="store_true", help="start `vllm serve` and ask its /v1/images/generations route"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

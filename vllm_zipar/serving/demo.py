@@ -1,4 +1,8 @@
-"""The offline demo: one image per class through vLLM, written as a labelled grid PNG."""
+"""The demo: one image per class, NTP beside ZipAR, written as a labelled grid PNG.
+
+`run_served_demo` starts `vllm serve MODEL --decoding zipar` and asks its `POST /v1/images/generations` with
+the official `openai` client, as a user would; `run_demo` does the same offline through `vllm.LLM`.
+"""
 
 from __future__ import annotations
 
@@ -54,9 +58,55 @@ def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window:
     # class drawn, NTP beside ZipAR, goes beside it.
     images[0].save(out)
     grid_path = out.with_name(f"{out.stem}_grid.png")
-    labelled_grid(images, names, columns=2 * min(count, 4)).save(grid_path)
+    labelled_grid(images, names, columns=2 * min(count, 5)).save(grid_path)
     print(
         f"engine start {started - start:.1f} s; NTP {(generated - started) / count:.3f} s/image, "
         f"ZipAR-{window} {(finished - generated) / count:.3f} s/image ({count} images each); "
         f"wrote {out} ({images[0].size[0]}x{images[0].size[1]} px, class 0, NTP) and {grid_path}"
+    )
+
+
+def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window: int = 4) -> None:
+    """`run_demo` through the HTTP server: every image is one `client.images.generate` call."""
+    import base64
+    import io
+
+    from openai import OpenAI
+
+    from vllm_zipar.models.model_dir import load_config
+    from vllm_zipar.serving.launch import ServedModel
+    from vllm_zipar.zipar.plan import zipar_steps
+
+    config = load_config(model_dir)
+    count = min(num_classes, config.num_classes)
+    grid = config.grid_size
+    log_path = out.with_name("demo_server.log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ServedModel(model_dir, decoding="zipar", zipar_window=window, log_path=log_path) as server:
+        started = time.perf_counter()
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="demo")
+        model = client.models.list().data[0].id
+        images, names = [], []
+        for label in range(count):
+            for decoding, passes in [("ntp", grid * grid), ("zipar", zipar_steps(grid, grid, window, False))]:
+                response = client.images.generate(
+                    model=model,
+                    prompt=str(label),
+                    size=f"{config.image_size}x{config.image_size}",
+                    response_format="b64_json",
+                    extra_body={"seed": seed + label, "decoding": decoding}
+                    | ({"zipar_window": window} if decoding == "zipar" else {}),
+                )
+                images.append(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))))
+                mode = "NTP" if decoding == "ntp" else f"ZipAR-{window}"
+                names.append(f"{label}: {mode}, {passes} passes")
+        finished = time.perf_counter()
+    images[0].save(out)
+    grid_path = out.with_name(f"{out.stem}_grid.png")
+    labelled_grid(images, names, columns=2 * min(count, 5)).save(grid_path)
+    print(
+        f"served by `vllm serve {model_dir} --decoding zipar --zipar-window {window}` (log: {log_path}); "
+        f"start {started - start:.1f} s, {(finished - started) / (2 * count):.3f} s per image request; "
+        f"wrote {out} ({images[0].size[0]}x{images[0].size[1]} px) and {grid_path}"
     )
