@@ -127,6 +127,16 @@ def test_streaming_sends_the_partial_images_then_the_final_one(client):
     assert events[-1].usage.output_tokens == GRID * GRID
 
 
+def test_streaming_n_images_tags_each_event_with_its_image(client):
+    stream = client.images.generate(
+        model=MODEL, prompt="8", n=2, stream=True, partial_images=1, extra_body={"seed": 4}
+    )
+    events = [(e.type, e.model_extra["image_index"]) for e in stream]
+    for index in (0, 1):
+        mine = [kind for kind, image in events if image == index]
+        assert mine == ["image_generation.partial_image", "image_generation.completed"], events
+
+
 ERRORS = [
     (b"{oops", 400, None, "invalid_json"),
     ({"model": MODEL}, 400, "prompt", "missing_required_parameter"),
@@ -182,7 +192,7 @@ def test_mixed_bad_good_and_abandoned_requests_leave_the_server_healthy(served):
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         with socket.create_connection((server.host, server.port)) as sock:
             sock.sendall(head.encode() + body)
-            time.sleep(0.1)
+            time.sleep(0.05)  # 10 NTP images take several times longer than this
 
     aborted_before = server.log_tail(10**7).count("client disconnected, aborted")
     with ThreadPoolExecutor(16) as pool:
@@ -190,7 +200,9 @@ def test_mixed_bad_good_and_abandoned_requests_leave_the_server_healthy(served):
         outcomes = list(pool.map(send, bodies))
     assert all(outcomes), [b for b, ok in zip(bodies, outcomes, strict=True) if not ok][:3]
     assert wait_for_idle_kv(server) == 0.0
-    assert server.log_tail(10**7).count("client disconnected, aborted") == aborted_before + 8
+    # Each abandoned request is aborted unless it finished first (never seen here; a fast machine might).
+    aborted = server.log_tail(10**7).count("client disconnected, aborted") - aborted_before
+    assert 1 <= aborted <= 8, aborted
     assert server.healthy()
     assert len(post(server, good).json()["data"]) == 1
 
