@@ -92,7 +92,8 @@ def test_the_installed_vllm_command_is_ours_and_lists_our_flags():
     """The script scripts/install.sh left in the venv runs vLLM's CLI (its version lookup patched on the
     CPU build) with our flags in `vllm serve --help`."""
     done = subprocess.run(
-        [str(vllm_command()), "serve", "--help=zipar"], capture_output=True, text=True, timeout=300
+        [str(vllm_command()), "serve", "--help"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "--decoding {zipar,ntp}" in done.stdout and "--zipar-window" in done.stdout
+    help_text = " ".join(done.stdout.split())
+    assert "ZipAR vllm-zipar: --decoding {zipar,ntp} [--zipar-window N]" in help_text, done.stdout[-3000:]

@@ -14,8 +14,10 @@ import functools
 
 WRITTEN_FOR = "0.32.0"
 GROUP_TITLE = "ZipAR"
+# vLLM's plain `--help` lists groups with their descriptions only, so the description names the flags.
 GROUP_DESCRIPTION = (
-    "vllm-zipar: serve a LlamaGen image model with ZipAR parallel decoding and POST /v1/images/generations"
+    "vllm-zipar: --decoding {zipar,ntp} [--zipar-window N] serves a LlamaGen image model directory with "
+    "ZipAR parallel decoding and POST /v1/images/generations (details: --help=zipar)"
 )
 
 
