@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,24 @@ def test_streaming_n_images_tags_each_event_with_its_image(client):
     for index in (0, 1):
         mine = [kind for kind, image in events if image == index]
         assert mine == ["image_generation.partial_image", "image_generation.completed"], events
+
+
+def test_a_stream_abandoned_after_its_first_event_is_aborted(served):
+    server, _ = served
+    before = server.log_tail(10**7).count("client disconnected, aborted")
+    body = {"prompt": "1", "stream": True, "partial_images": 3, "decoding": "ntp", "n": 10, "seed": 2}
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=120) as response:
+        assert next(response.iter_lines()).startswith("event: image_generation.partial_image")
+    deadline = time.monotonic() + 30
+    while (
+        server.log_tail(10**7).count("client disconnected, aborted") == before and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert server.log_tail(10**7).count("client disconnected, aborted") == before + 1
+    assert wait_for_idle_kv(server) == 0.0
+    log = server.log_tail(10**7)
+    request = re.findall(r"image request (img-\w+)-0: client disconnected", log)[-1]
+    assert log.count(f"image {request}-") < 10  # its engine requests were aborted, not run to the end
 
 
 ERRORS = [

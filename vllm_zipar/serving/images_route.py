@@ -293,8 +293,13 @@ class ImageService:
         grid[missing] = 0
         return grid.view(layout.height, layout.width), missing.view(layout.height, layout.width)
 
-    async def stream(self, req: ImageGenerationRequest, jobs: Sequence[ImageJob]) -> AsyncIterator[str]:
-        """Server-sent events: `partial_images` partial images per image, then its completed image."""
+    async def stream(
+        self, req: ImageGenerationRequest, jobs: Sequence[ImageJob], request: Request | None = None
+    ) -> AsyncIterator[str]:
+        """Server-sent events: `partial_images` partial images per image, then its completed image.
+
+        Starlette's StreamingResponse notices a client that left only when a send fails, which may be long
+        after (or, here, never before the images finish), so `request`'s disconnect is watched too."""
         queue: asyncio.Queue = asyncio.Queue()
         cells = self.config.grid_size**2
         sent = [0] * len(jobs)
@@ -327,11 +332,17 @@ class ImageService:
                     await asyncio.gather(*pending, return_exceptions=True)
 
         producer = asyncio.create_task(produce())
+        watcher = None
+        if request is not None:
+            watcher = asyncio.create_task(_until_disconnected(request))
+            watcher.add_done_callback(lambda _: queue.put_nowait(("gone",)))
         remaining = len(jobs)
         usage = self.usage(jobs[:1])
         try:
             while remaining:
                 event = await queue.get()
+                if event[0] == "gone":
+                    return
                 if event[0] == "error":
                     yield _sse(
                         "error", ImageAPIError.server_error(f"image generation failed: {event[1]}").body()
@@ -356,8 +367,12 @@ class ImageService:
                 yield _sse("image_generation.completed", payload)
                 remaining -= 1
         finally:
-            if not producer.done():
+            if watcher is not None:
+                watcher.cancel()
+            if not producer.done():  # the client left mid-stream: cancelling aborts the engine requests
                 producer.cancel()
+                # Logged before awaiting: inside Starlette's cancelled task group every await raises again.
+                self.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
                 await asyncio.gather(producer, return_exceptions=True)
 
     def _event(self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None) -> dict[str, Any]:
@@ -411,7 +426,7 @@ async def create_image(request: Request):
         return _error_response(err)
 
     if req.stream:
-        return StreamingResponse(service.stream(req, jobs), media_type="text/event-stream")
+        return StreamingResponse(service.stream(req, jobs, request), media_type="text/event-stream")
 
     work = asyncio.create_task(service.generate(req, jobs))
     watcher = asyncio.create_task(_until_disconnected(request))
