@@ -137,3 +137,51 @@ def test_cca_alignment_separates_right_and_wrong_classes():
     )
     assert margin(aligned) > before + 5.0
     check_gpt_state_dict(aligned.state_dict(), config, "<aligned>")
+
+
+def test_guided_sampler_is_cfg_on_teacher_forced_logits():
+    """``cfg_scale`` guides with the null class (u + s(c - u)); a tiny ``top_p`` keeps only the top token."""
+    config = tiny_config()
+    model = random_model(config).eval()
+    labels = torch.tensor([3, 7])
+    scale = 2.5
+    greedy = model.sample(labels, temperature=0, cfg_scale=scale)
+    nucleus = model.sample(labels, top_p=1e-6, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, nucleus)
+    flat = greedy.reshape(2, -1)
+    null = torch.full_like(labels, config.num_classes)
+    with torch.no_grad():
+        cond, _ = model(flat[:, :-1], labels)
+        uncond, _ = model(flat[:, :-1], null)
+    guided = uncond + scale * (cond - uncond)
+    assert torch.equal(guided.argmax(-1), flat)
+
+
+def test_cca_can_continue_against_the_original_reference():
+    import copy
+
+    from vllm_zipar.training.train_gpt import align_cca
+
+    config = tiny_config(codebook_size=32)
+    codes = torch.randint(0, 32, (1, 8, GRID, GRID), generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8)
+    base, _ = train_gpt(codes, labels, config, steps=5, batch_size=8, lr=3e-3, progress=False, bf16=False)
+    seen = []
+    first, _ = align_cca(
+        copy.deepcopy(base), codes, labels, steps=4, batch_size=8, lr=1e-3, progress=False, bf16=False
+    )
+    second, log2 = align_cca(
+        first,
+        codes,
+        labels,
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        progress=False,
+        bf16=False,
+        reference=base,
+        log_every=2,
+        on_log=lambda entry, model: seen.append(entry["step"]),
+    )
+    assert seen == [2, 4] and [entry["step"] for entry in log2] == [2, 4]
+    assert not torch.equal(second.output.weight, base.output.weight)

@@ -211,15 +211,23 @@ class LlamaGenC2I(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int = 0,
+        top_p: float = 1.0,
+        cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Next-token prediction with a KV cache, no guidance: token grids ``[B, grid, grid]``.
+        """Next-token prediction with a KV cache: token grids ``[B, grid, grid]``.
 
         For previews and checks during training; the shipped sampler is vLLM's engine.
-        ``temperature == 0`` is greedy; ``top_k`` 0 keeps every token.
+        ``temperature == 0`` is greedy; ``top_k`` 0 keeps every token; ``top_p`` 1 keeps every token.
+        ``cfg_scale != 1`` guides every token with the null class: ``u + s * (c - u)`` on the logits, then
+        temperature, top-k and top-p, as the authors' ``sample_c2i.py`` does.
         """
         was_training = self.training
         self.eval()
+        batch = labels.shape[0]
+        guided = cfg_scale != 1.0
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
         caches: list[list] = [[] for _ in self.layers]
         h = self.cls_embedding(labels)[:, : self.cls_token_num]
         tokens = []
@@ -232,6 +240,9 @@ class LlamaGenC2I(nn.Module):
             for layer, cache in zip(self.layers, caches, strict=True):
                 h = layer(h, rope, cache)
             logits = self.output(self.norm(h[:, -1])).float()
+            if guided:
+                cond, uncond = logits[:batch], logits[batch:]
+                logits = uncond + cfg_scale * (cond - uncond)
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
@@ -239,9 +250,16 @@ class LlamaGenC2I(nn.Module):
                 if 0 < top_k < logits.shape[-1]:
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+                probs = torch.softmax(logits, dim=-1)
+                if top_p < 1.0:
+                    sorted_probs, order = probs.sort(dim=-1, descending=True)
+                    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+                    beyond = sorted_probs.cumsum(-1) - sorted_probs > top_p
+                    sorted_probs = sorted_probs.masked_fill(beyond, 0.0)
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             tokens.append(token)
-            h = self.tok_embeddings(token)[:, None]
+            h = self.tok_embeddings(torch.cat([token, token]) if guided else token)[:, None]
         self.train(was_training)
         grid = self.config.grid_size
         return torch.stack(tokens, dim=1).view(-1, grid, grid)

@@ -44,8 +44,9 @@ from vllm_zipar.training.train_vq import (
 MAX_SHIPPED_BYTES = 20 << 20
 # The GPT as the authors' recipe trains it (before alignment), kept for CFG once the engine has it.
 BASE_GPT = "gpt_base.pt"
-PREVIEW_TEMPERATURE = 1.0
-PREVIEW_TOP_K = 0
+# Sampling defaults written to config.json ("sampling_defaults"; the engine's and benchmarks/quality.py's
+# defaults for this model) and used by the preview; --cfg-scale, --temperature, --top-k, --top-p change them.
+SAMPLING_DEFAULTS = {"cfg_scale": 1.3, "cfg_interval": -1, "temperature": 0.3, "top_k": 0, "top_p": 1.0}
 
 
 def sample_sheet(rows: list[list[Image.Image]], row_labels: list[str], scale: int = 2) -> Image.Image:
@@ -94,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default, all cores)"
     )
-    parser.add_argument("--cca-steps", type=int, default=600, help="guidance-free alignment steps (0: none)")
+    parser.add_argument(
+        "--cca-steps",
+        type=int,
+        nargs="+",
+        default=[600, 400],
+        help="guidance-free alignment: steps of each round (0: none); every round restarts the optimiser "
+        "and aligns against the base GPT",
+    )
     parser.add_argument("--cca-lr", type=float, default=1e-4)
     parser.add_argument("--cca-lambda", type=float, default=1.0)
     parser.add_argument(
@@ -102,11 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="reuse vq.pt, gpt_base.pt, classifier.pt and train_log.json already in --out; run the alignment",
     )
+    parser.add_argument("--cfg-scale", type=float, default=SAMPLING_DEFAULTS["cfg_scale"])
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    parser.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"])
+    parser.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
     parser.add_argument("--no-bf16", action="store_true", help="train the GPT in float32 only")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.vq_steps, args.gpt_steps, args.classifier_steps, args.cca_steps = 20, 20, 50, 10
+        args.vq_steps, args.gpt_steps, args.classifier_steps = 20, 20, 50
+        args.cca_steps = [10 for _ in args.cca_steps]
+    sampling = {
+        **SAMPLING_DEFAULTS,
+        "cfg_scale": args.cfg_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -173,17 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     gpt = base_gpt
     cca_log: list[dict] = []
-    if args.cca_steps > 0:
-        gpt, cca_log = align_cca(
-            copy.deepcopy(base_gpt),
+    cca_rounds: list[dict] = []
+    for round_index, round_steps in enumerate(step for step in args.cca_steps if step > 0):
+        gpt, round_log = align_cca(
+            copy.deepcopy(gpt),
             codes,
             train.labels,
-            steps=args.cca_steps,
+            steps=round_steps,
             lr=args.cca_lr,
             lam=args.cca_lambda,
-            seed=args.seed + 4,
+            seed=args.seed + 4 + 3 * round_index,
             bf16=use_bf16,
+            reference=base_gpt,
         )
+        done = sum(entry["steps"] for entry in cca_rounds)
+        cca_log += [{**entry, "step": entry["step"] + done, "round": round_index + 1} for entry in round_log]
+        cca_rounds.append({"steps": round_steps, "final": round_log[-1]})
+    config.sampling_defaults = dict(sampling)
     save_gpt(gpt, out / config.gpt_checkpoint, config)
     save_config(config, out)
     wall["cca_s"] = round(time.perf_counter() - t, 1)
@@ -195,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     tokens = gpt.sample(
         labels,
-        temperature=PREVIEW_TEMPERATURE,
-        top_k=PREVIEW_TOP_K,
+        temperature=sampling["temperature"],
+        top_k=sampling["top_k"],
+        top_p=sampling["top_p"],
+        cfg_scale=sampling["cfg_scale"],
         generator=torch.Generator().manual_seed(args.seed + 3),
     )
     with torch.no_grad():
@@ -236,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_count": os.cpu_count(),
             },
             "wall_seconds": wall,
-            "cca": {"final": cca_log[-1] if cca_log else None, "log": cca_log},
+            "cca": {"final": cca_log[-1] if cca_log else None, "rounds": cca_rounds, "log": cca_log},
+            "sampling_defaults": sampling,
             "preview": {
                 "samples": len(labels),
-                "temperature": PREVIEW_TEMPERATURE,
-                "top_k": PREVIEW_TOP_K,
+                **sampling,
                 "classifier_accuracy": round(preview_accuracy, 4),
             },
         }

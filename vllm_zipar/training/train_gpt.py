@@ -10,7 +10,7 @@ where the CPU has bf16 matrix units. Saved with ``save_gpt_checkpoint`` in their
 "args"}`` layout.
 
 A model this small, trained this briefly, barely uses its class token (its samples are digits, but mostly
-not the asked-for one; CFG would fix that and the engine does not run it yet), so ``align_cca`` then
+not the asked-for one; CFG alone does not fix that at this size), so ``align_cca`` then
 fine-tunes it with Condition Contrastive Alignment, which makes plain sampling follow the class.
 """
 
@@ -169,10 +169,12 @@ def align_cca(
     bf16: bool | None = None,
     log_every: int = 50,
     progress: bool = True,
+    reference: LlamaGenC2I | None = None,
+    on_log=None,
 ) -> tuple[LlamaGenC2I, list[dict[str, float]]]:
     """Condition Contrastive Alignment (Chen et al. 2024, arXiv 2410.09347; the loss of their public
     ``LlamaGen_finetune.py``, written anew here): fine-tune so that samples follow their class without
-    classifier-free guidance, which the engine does not run yet.
+    classifier-free guidance (or with a much milder one).
 
     Against a frozen copy of the pretrained model (the reference), raise ``log p(x | c) - log p_ref(x | c)``
     for each training image with its own class and lower it for the same image with another class (the
@@ -180,13 +182,16 @@ def align_cca(
     divided by ``lam``. A fraction ``uncond_ratio`` of rows uses the null class on both sides and counts as
     positive, so the unconditional model (needed for CFG) stays intact. Dropout off, as in their recipe.
     The result has the same architecture and checkpoint format; it approximates the CFG-guided distribution.
+
+    ``reference`` (default: a frozen copy of ``model`` as passed) lets a run continue an earlier alignment
+    against the original pretrained model; ``on_log(entry, model)`` is called at every log step.
     """
     import copy
 
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     use_bf16 = bf16_available() if bf16 is None else bf16
-    reference = copy.deepcopy(model).eval()
+    reference = copy.deepcopy(model if reference is None else reference).eval()
     for param in reference.parameters():
         param.requires_grad_(False)
     # No dropout of any kind (label dropout included: the null class is chosen explicitly below).
@@ -240,4 +245,6 @@ def align_cca(
             history.append(entry)
             sums, count = {}, 0
             bar.set_postfix(loss=f"{entry['loss']:.4f}", neg=f"{entry['gap_neg']:.1f}")
+            if on_log is not None:
+                on_log(entry, model)
     return model.eval(), history
