@@ -92,8 +92,7 @@ def plot(results: dict, path: Path) -> bool:
         return False
     modes = [m for m in results["modes"] if "accuracy" in m]
     names = [
-        m["name"].replace("ZipAR ", "")
-        + (f"\n{m['passes_per_image']}" if "passes_per_image" in m else "")
+        m["name"].replace("ZipAR ", "") + (f"\n{m['passes_per_image']}" if "passes_per_image" in m else "")
         for m in modes
     ]
     refs = results["reference"]
