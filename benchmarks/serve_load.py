@@ -129,7 +129,9 @@ def main() -> int:
     from vllm_zipar.models.model_dir import load_config
     from vllm_zipar.serving.launch import ServedModel
 
-    num_classes = load_config(args.model).num_classes
+    model_config = load_config(args.model)
+    num_classes = model_config.num_classes
+    cfg_scale = model_config.sampling_defaults["cfg_scale"]  # requests take the model's sampling defaults
     server = None
     url = args.url
     if url is None:
@@ -158,6 +160,7 @@ def main() -> int:
     summary = {
         "model": display_path(args.model),
         "window": args.window,
+        "cfg_scale": cfg_scale,
         "clients": clients,
         "requests": requests,
         "images_per_request": args.n,
@@ -172,7 +175,8 @@ def main() -> int:
     }
     path = write_json(name, {**summary, "latencies_s": [round(t, 4) for t in latencies]})
     title = (
-        f"POST /v1/images/generations: {clients} clients, {requests} requests, ZipAR-{args.window}: "
+        f"POST /v1/images/generations: {clients} clients, {requests} requests, ZipAR-{args.window}, "
+        f"CFG {cfg_scale:g}\n"
         f"p50 {summary['p50_s']:.2f} s, p99 {summary['p99_s']:.2f} s, {images_per_s:.2f} images/s"
     )
     png = plot(name, title, latencies, result["finished_at_s"])

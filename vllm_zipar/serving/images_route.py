@@ -332,10 +332,25 @@ class ImageService:
                     await asyncio.gather(*pending, return_exceptions=True)
 
         producer = asyncio.create_task(produce())
+        abandoned = False
+
+        def abandon() -> None:  # the client left: cancelling the producer aborts the engine requests
+            nonlocal abandoned
+            if not abandoned and not producer.done():
+                abandoned = True
+                self.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
+                producer.cancel()
+
+        def on_disconnect(task: asyncio.Task) -> None:
+            # Runs on the loop whatever this generator is doing: Starlette may never resume it.
+            if not task.cancelled():
+                abandon()
+                queue.put_nowait(("gone",))
+
         watcher = None
         if request is not None:
             watcher = asyncio.create_task(_until_disconnected(request))
-            watcher.add_done_callback(lambda _: queue.put_nowait(("gone",)))
+            watcher.add_done_callback(on_disconnect)
         remaining = len(jobs)
         usage = self.usage(jobs[:1])
         try:
@@ -366,13 +381,14 @@ class ImageService:
                     payload["tokens"] = image.grid.tolist()
                 yield _sse("image_generation.completed", payload)
                 remaining -= 1
+        except (asyncio.CancelledError, GeneratorExit):
+            abandon()  # before any await: inside Starlette's cancelled task group every await raises again
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if not producer.done():  # the client left mid-stream: cancelling aborts the engine requests
+            if not producer.done():
                 producer.cancel()
-                # Logged before awaiting: inside Starlette's cancelled task group every await raises again.
-                self.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
                 await asyncio.gather(producer, return_exceptions=True)
 
     def _event(self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None) -> dict[str, Any]:
