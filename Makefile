@@ -1,6 +1,9 @@
 # Two commands for a fresh machine: `make demo` and `make test` (see README.md).
 PY := .venv/bin/python
-DEMO_MODEL ?= out/random-model
+# The shipped, trained digits model, served by `vllm serve` (DEMO_MODEL=out/random-model: a random VQ-16
+# model in the authors' formats, written on first use; DEMO_ARGS= without --serve: offline through vllm.LLM).
+DEMO_MODEL ?= models/digits
+DEMO_ARGS ?= --serve --num-classes 10
 
 .PHONY: install demo test lint clean train-demo quality serve
 
@@ -9,10 +12,10 @@ install:
 
 demo: install
 	@if [ ! -f "$(DEMO_MODEL)/config.json" ]; then \
-	  echo "[demo] writing a small RANDOM VQ-16 model to $(DEMO_MODEL): its images are noise (the trained digits model: make demo DEMO_MODEL=models/digits)"; \
+	  echo "[demo] writing a small RANDOM VQ-16 model to $(DEMO_MODEL): its images are noise"; \
 	  $(PY) -m vllm_zipar.cli write-random-model $(DEMO_MODEL); \
 	fi
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m vllm_zipar.cli demo --model $(DEMO_MODEL) --out out/demo.png
+	$(PY) -m vllm_zipar.cli demo --model $(DEMO_MODEL) --out out/demo.png $(DEMO_ARGS)
 
 # vLLM's OpenAI server with POST /v1/images/generations on the digits model (see docs/serving.md).
 SERVE_MODEL ?= models/digits
