@@ -65,6 +65,13 @@ def bar_plot(name: str, title: str, panels: list[tuple[str, list[str], list[floa
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.suptitle(title, fontsize=11)
+    return save_figure(fig, name)
+
+
+def save_figure(fig, name: str) -> Path:
+    """Write a matplotlib figure as RESULTS/<name>.png and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"

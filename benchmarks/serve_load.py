@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import RESULTS, machine, save_figure, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "digits"
@@ -103,12 +103,7 @@ def plot(name: str, title: str, latencies: list[float], finished_at: list[float]
     right.set_xlabel("completed at (s since start)")
     right.set_ylabel("latency (s)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, name)
 
 
 def main() -> int:

@@ -31,6 +31,16 @@ def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 8
     return canvas
 
 
+def write_demo_images(images: list[Image.Image], names: list[str], out: Path, count: int) -> Path:
+    """`out`: the first image at the model's resolution; beside it `<out>_grid.png`, the labelled grid of
+    every class drawn, NTP beside ZipAR. Returns the grid's path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out)
+    grid_path = out.with_name(f"{out.stem}_grid.png")
+    labelled_grid(images, names, columns=2 * min(count, 5)).save(grid_path)
+    return grid_path
+
+
 def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window: int = 4) -> None:
     """One image per class with NTP and with ZipAR-`window`, same seeds, side by side in a labelled grid."""
     import torch
@@ -53,12 +63,7 @@ def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window:
         f"{r.class_label}: {'NTP' if i % 2 == 0 else f'ZipAR-{window}'}, {r.passes} passes"
         for i, r in enumerate(pairs)
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # `out` is one image at the model's resolution (grid x downsample pixels); the labelled grid of every
-    # class drawn, NTP beside ZipAR, goes beside it.
-    images[0].save(out)
-    grid_path = out.with_name(f"{out.stem}_grid.png")
-    labelled_grid(images, names, columns=2 * min(count, 5)).save(grid_path)
+    grid_path = write_demo_images(images, names, out, count)
     print(
         f"engine start {started - start:.1f} s; NTP {(generated - started) / count:.3f} s/image, "
         f"ZipAR-{window} {(finished - generated) / count:.3f} s/image ({count} images each); "
@@ -102,9 +107,7 @@ def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, 
                 mode = "NTP" if decoding == "ntp" else f"ZipAR-{window}"
                 names.append(f"{label}: {mode}, {passes} passes")
         finished = time.perf_counter()
-    images[0].save(out)
-    grid_path = out.with_name(f"{out.stem}_grid.png")
-    labelled_grid(images, names, columns=2 * min(count, 5)).save(grid_path)
+    grid_path = write_demo_images(images, names, out, count)
     print(
         f"served by `vllm serve {model_dir} --decoding zipar --zipar-window {window}` (log: {log_path}); "
         f"start {started - start:.1f} s, {(finished - started) / (2 * count):.3f} s per image request; "
