@@ -38,16 +38,6 @@ def display_path(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
-def settled_kv_usage(server, timeout: float = 15.0) -> float:
-    """vLLM's KV usage gauge once it settles at zero (it is refreshed by engine steps), or its last value."""
-    deadline = time.monotonic() + timeout
-    usage = server.metric("vllm:kv_cache_usage_perc")
-    while usage != 0.0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        usage = server.metric("vllm:kv_cache_usage_perc")
-    return usage
-
-
 async def run_load(url: str, clients: int, requests: int, num_classes: int, n: int) -> dict:
     import httpx
 
@@ -143,7 +133,7 @@ def main() -> int:
         parser.error(f"--url must be a loopback address ({', '.join(LOOPBACK)}), got {url}")
     try:
         result = asyncio.run(run_load(url, clients, requests, num_classes, args.n))
-        kv_usage = settled_kv_usage(server) if server is not None else None
+        kv_usage = server.idle_kv_usage(timeout=15.0) if server is not None else None
     finally:
         if server is not None:
             server.stop()

@@ -34,18 +34,7 @@ def tiny_model_with_oracle(model_dir: Path, *, seed: int, state_dict=None, **ove
     config = write_random_model_dir(model_dir, with_vq=False, seed=seed, **{**TINY, **overrides})
     if state_dict is not None:
         save_gpt_checkpoint(state_dict(config), model_dir / "gpt.pt", "model", config)
-    oracle = load_authors_checkpoint(
-        model_dir / "gpt.pt",
-        ReferenceLlamaGenConfig(
-            dim=config.dim,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            multiple_of=config.multiple_of,
-            num_classes=config.num_classes,
-            vocab_size=config.codebook_size,
-            block_size=config.grid_size**2,
-        ),
-    )
+    oracle = load_authors_checkpoint(model_dir / "gpt.pt", ReferenceLlamaGenConfig.matching(config))
     return config, oracle
 
 

@@ -88,6 +88,21 @@ class ReferenceLlamaGenConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return find_multiple(hidden, self.multiple_of)
 
+    @classmethod
+    def matching(cls, config) -> ReferenceLlamaGenConfig:
+        """The oracle config of a model directory's config (any object with the project's
+        `LlamaGenConfig` attribute names; read by name so the oracle imports nothing from the package)."""
+        return cls(
+            dim=config.dim,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_kv_head=config.n_kv_head,
+            multiple_of=config.multiple_of,
+            num_classes=config.num_classes,
+            vocab_size=config.codebook_size,
+            block_size=config.grid_size**2,
+        )
+
     @property
     def label_rows(self) -> int:
         return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)

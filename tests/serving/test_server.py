@@ -67,15 +67,6 @@ def post(server, body, timeout=120.0) -> httpx.Response:
     )
 
 
-def wait_for_idle_kv(server, timeout=30.0) -> float:
-    deadline = time.monotonic() + timeout
-    usage = server.metric("vllm:kv_cache_usage_perc")
-    while usage != 0.0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        usage = server.metric("vllm:kv_cache_usage_perc")
-    return usage
-
-
 def test_openai_client_returns_n_pngs_of_the_native_size(client):
     result = client.images.generate(model=MODEL, prompt="3", n=3, size=SIZE, response_format="b64_json")
     assert len(result.data) == 3 and result.created > 0
@@ -166,11 +157,11 @@ def test_a_stream_abandoned_after_its_first_event_is_aborted(served):
             assert all(f.result().status_code == 200 for f in load)
         log = server.log_tail(10**7)
         if log.count("client disconnected, aborted") == before + 1:
-            assert wait_for_idle_kv(server) == 0.0
+            assert server.idle_kv_usage() == 0.0
             request = re.findall(r"image request (img-\w+)-0: client disconnected", log)[-1]
             assert log.count(f"image {request}-") < 10  # its engine requests were aborted, not run to the end
             return
-    assert wait_for_idle_kv(server) == 0.0
+    assert server.idle_kv_usage() == 0.0
     pytest.skip("every attempt finished all ten images before the server saw the client leave")
 
 
@@ -236,7 +227,7 @@ def test_mixed_bad_good_and_abandoned_requests_leave_the_server_healthy(served):
         list(pool.map(abandon, range(8)))
         outcomes = list(pool.map(send, bodies))
     assert all(outcomes), [b for b, ok in zip(bodies, outcomes, strict=True) if not ok][:3]
-    assert wait_for_idle_kv(server) == 0.0
+    assert server.idle_kv_usage() == 0.0
     # Each abandoned request is aborted unless it finished first (never seen here; a fast machine might).
     aborted = server.log_tail(10**7).count("client disconnected, aborted") - aborted_before
     assert 1 <= aborted <= 8, aborted

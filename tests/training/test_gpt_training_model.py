@@ -42,18 +42,7 @@ def random_model(config: LlamaGenConfig, seed: int = 0) -> LlamaGenC2I:
 
 
 def reference_for(config: LlamaGenConfig) -> ReferenceLlamaGen:
-    return ReferenceLlamaGen(
-        ReferenceLlamaGenConfig(
-            dim=config.dim,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            n_kv_head=config.n_kv_head,
-            multiple_of=config.multiple_of,
-            num_classes=config.num_classes,
-            vocab_size=config.codebook_size,
-            block_size=config.grid_size**2,
-        )
-    )
+    return ReferenceLlamaGen(ReferenceLlamaGenConfig.matching(config))
 
 
 def test_state_dict_is_the_authors_layout_and_loads_strictly_into_the_reference():

@@ -114,6 +114,15 @@ class ServedModel:
             raise KeyError(f"{name} is not on /metrics")
         return total
 
+    def idle_kv_usage(self, timeout: float = 30.0) -> float:
+        """vLLM's KV usage gauge once it settles at zero (engine steps refresh it), or its last value."""
+        deadline = time.monotonic() + timeout
+        usage = self.metric("vllm:kv_cache_usage_perc")
+        while usage != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            usage = self.metric("vllm:kv_cache_usage_perc")
+        return usage
+
     def log_tail(self, chars: int = 4000) -> str:
         if self.log_path is None or not self.log_path.is_file():
             return "(no log)"
