@@ -37,5 +37,9 @@ echo "[install] installing vllm-zipar[$EXTRAS] into $VENV (about 2 minutes the f
 # The registry builds of these break `import vllm` next to torch 2.13.0+cpu; vLLM does not need them.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, vllm_zipar; print('[install] vllm', vllm.__version__, 'ok')"
+# Compile the masked attention kernel now (~15 s, into PyTorch's extension cache) rather than at the first
+# engine start; without a compiler the engine uses its slower PyTorch path (docs/design.md).
+"$VENV/bin/python" -c "from vllm_zipar.engine.masked_kernel import load_masked_kernel as load
+print('[install] masked attention kernel:', 'built' if load() else 'NOT built, PyTorch fallback')"
 write_vllm_shim
 cp pyproject.toml "$STAMP"

@@ -44,3 +44,10 @@ def kv_cache_usage(generator) -> float:
         if metric.name == "vllm:kv_cache_usage_perc":
             return float(metric.value)
     raise AssertionError("vLLM reported no vllm:kv_cache_usage_perc metric")
+
+
+def attention_impls(generator) -> list:
+    """The attention implementations of every layer of an in-process engine's model."""
+    core = generator.llm.llm_engine.engine_core.engine_core
+    context = core.vllm_config.compilation_config.static_forward_context
+    return [layer.impl for layer in context.values() if hasattr(layer, "impl")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage, tiny_model_with_oracle
+from tests.engine.conftest import TEST_KV_CACHE_BYTES, attention_impls, kv_cache_usage, tiny_model_with_oracle
 from tests.reference.decoders import ntp_decode, zipar_decode
 from vllm_zipar.serving.offline import ImageGenerator
 
@@ -50,6 +50,14 @@ def test_greedy_and_seeded_tokens_equal_the_reference_on_8x8(grid8, window):
         expected = reference(oracle, result.class_label, 8, window, seed=result.seed)
         assert torch.equal(result.tokens, expected), result
     assert kv_cache_usage(generator) == 0.0
+
+
+def test_masked_rows_take_the_compiled_kernel_and_keep_no_kv_copy(grid8):
+    generator, _ = grid8
+    generator.generate([2], temperature=0.0, zipar_window=2)
+    impls = attention_impls(generator)
+    assert impls and all(impl._kernel_key_layout == "transposed" for impl in impls)
+    assert all(not impl.request_kv for impl in impls)  # the PyTorch path's per-request buffers stay unused
 
 
 def test_window_of_at_least_the_width_gives_the_ntp_tokens(grid8):

@@ -5,13 +5,17 @@ implementation first runs the stock kernel for the whole batch — exact for pre
 still in causal order — and then recomputes the rows of requests that need the mask (`attention_mask.py`).
 The model selects it per layer through `Attention(..., attn_backend=...)`; nothing in vLLM is patched.
 
-For the masked rows each layer keeps, per ZipAR request, its keys and values in feed order in one
-contiguous buffer (`RequestKV`), appended from the step's own k/v, so a step reads them without gathering
-pages. This duplicates the KV of ZipAR images in flight (LlamaGen-B, 24x24: ~46 MB per image), which
-vLLM's KV accounting does not see. When a buffer lacks tokens (a request that became ZipAR-masked, or
-whose earlier tokens came from the prefix cache) they are gathered once from vLLM's paged cache; the CPU
-cache stores K transposed per (block, head) under the `vec` ISA, which is probed through vLLM's own
-cache-write op rather than assumed.
+The masked rows of every request of a step are recomputed by one call per layer of a compiled kernel
+(`masked_kernel.py`, `csrc/masked_paged_attention.cpp`) that reads keys and values straight from vLLM's
+paged cache. The CPU cache stores K transposed per (block, head) under the `vec` ISAs; the layout is probed
+through vLLM's own cache-write op rather than assumed, and a layout the kernel does not know (AMX) or a
+machine where it cannot be built falls back to the PyTorch path below.
+
+The PyTorch path keeps, per ZipAR request and layer, its keys and values in feed order in one contiguous
+buffer (`RequestKV`), appended from the step's own k/v, and runs a few tensor ops per request. This
+duplicates the KV of ZipAR images in flight (LlamaGen-B, 24x24: ~46 MB per image), which vLLM's KV
+accounting does not see. When a buffer lacks tokens (a request that became ZipAR-masked, or whose earlier
+tokens came from the prefix cache) they are gathered once from vLLM's paged cache.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_zipar.engine.attention_mask import ImageAttentionRows, ZipARAttentionInputs
+from vllm_zipar.engine.masked_kernel import kernel_enabled, load_masked_kernel, masked_paged_attention
 
 
 @functools.cache
-def key_block_is_transposed(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
-    """Write known keys through vLLM's cache op and see where they land."""
+def cache_key_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> str | None:
+    """How vLLM's CPU cache stores one (block, head): "plain" keys ([token][dim]) or "transposed" keys
+    ([dim][token]), values plain either way; None for anything else. Found by writing known keys and values
+    through vLLM's own cache op and seeing where they land."""
     cache = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
     keys = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
     ops.cpu_attn_reshape_and_cache(
         keys,
-        keys.clone(),
+        -keys,
         key_cache,
         value_cache,
         torch.arange(block_size),
@@ -48,12 +55,21 @@ def key_block_is_transposed(isa: str, dtype: torch.dtype, block_size: int, head_
         v_scale=1.0,
         kv_cache_dtype="auto",
     )
-    stored = cache[0, 0, :block_size]
-    if torch.equal(stored, keys[:, 0]):
-        return False
-    if torch.equal(stored.reshape(-1), keys[:, 0].t().reshape(-1)):
-        return True
-    raise NotImplementedError(f"unknown CPU key-cache layout for ISA {isa!r}")
+    stored_keys, stored_values = cache[0, 0, :block_size], cache[0, 0, block_size:]
+    if not torch.equal(stored_values, -keys[:, 0]):
+        return None
+    if torch.equal(stored_keys, keys[:, 0]):
+        return "plain"
+    if torch.equal(stored_keys.reshape(-1), keys[:, 0].t().reshape(-1)):
+        return "transposed"
+    return None
+
+
+def key_block_is_transposed(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    layout = cache_key_layout(isa, dtype, block_size, head_dim)
+    if layout is None:
+        raise NotImplementedError(f"unknown CPU key-cache layout for ISA {isa!r}")
+    return layout == "transposed"
 
 
 class RequestKV:
@@ -83,6 +99,7 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.request_kv: dict[str, RequestKV] = {}
+        self._kernel_key_layout: str | None | bool = False  # False: not decided yet
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         zipar: ZipARAttentionInputs | None = getattr(attn_metadata, "zipar", None)
@@ -92,6 +109,24 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
         output = super().forward(layer, query, key, value, kv_cache, stock_metadata, output, *args, **kwargs)
         if zipar is None:
             return output
+        key_layout = self._kernel_layout(layer, query.dtype, kv_cache)
+        if key_layout is not None:
+            # The compiled kernel reads the step's keys and values from vLLM's cache (written before this
+            # call: the CPU backend updates the cache outside forward), so no per-request state is kept.
+            if zipar.masked:
+                requests, mask = zipar.kernel_inputs()
+                num_blocks, kv_heads, block_size, _ = kv_cache.shape
+                masked_paged_attention(
+                    query,
+                    kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1),
+                    attn_metadata.block_table,
+                    requests,
+                    mask,
+                    self.scale,
+                    key_layout == "transposed",
+                    output.view(output.shape[0], -1),
+                )
+            return output
         for req_id in zipar.finished:
             self.request_kv.pop(req_id, None)
         flat_out = output.view(output.shape[0], -1)
@@ -100,6 +135,24 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
             if rows.mask is not None:
                 flat_out[rows.query_start : rows.query_start + rows.count] = self._masked(rows, query, kv)
         return output
+
+    def _kernel_layout(self, layer, dtype: torch.dtype, kv_cache: torch.Tensor) -> str | None:
+        """The cache's key layout if the compiled kernel serves this layer, else None (PyTorch path)."""
+        if self._kernel_key_layout is False:
+            _, _, block_size, _ = kv_cache.shape
+            supported = (
+                self.kv_cache_dtype == "auto"
+                and self.alibi_slopes is None
+                and self.logits_soft_cap in (None, 0)
+                and self.sinks is None
+                and self.sliding_window == -1
+                and kernel_enabled()
+                and load_masked_kernel()
+            )
+            self._kernel_key_layout = (
+                cache_key_layout(layer.isa, kv_cache.dtype, block_size, self.head_size) if supported else None
+            )
+        return self._kernel_key_layout
 
     def _stock_metadata(self, zipar: ZipARAttentionInputs, metadata, layer, dtype: torch.dtype):
         """The step's metadata with each masked request's context cut to its own queries.

@@ -1,0 +1,73 @@
+"""The compiled ZipAR-masked paged attention (csrc/masked_paged_attention.cpp): build, load, call.
+
+Built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`, ninja) the first time an
+engine needs it, for this machine's CPU (`-march=native`), into PyTorch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later starts load it in milliseconds.
+`scripts/install.sh` builds it once so that no engine start pays the ~1 minute compile. Where it cannot be
+built (no compiler) or is switched off (`VLLM_ZIPAR_MASKED_KERNEL=0`), attention.py falls back to the
+PyTorch path, which is exact too but slower: one warning says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "masked_paged_attention.cpp"
+ENV_SWITCH = "VLLM_ZIPAR_MASKED_KERNEL"
+
+
+def kernel_enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "False", "")
+
+
+@functools.cache
+def load_masked_kernel() -> bool:
+    """Build (once per machine) and load the kernel; False, with one warning, if that is not possible."""
+    if not kernel_enabled():
+        return False
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name="vllm_zipar_masked_attention",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler or headers: the PyTorch path still works
+        logger.warning(
+            "vllm-zipar: could not build the masked attention kernel (%s); using the slower PyTorch path",
+            error,
+        )
+        return False
+    return True
+
+
+def masked_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    requests: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    key_transposed: bool,
+    output: torch.Tensor,
+) -> None:
+    """Overwrite the masked requests' rows of `output` ([tokens, heads * head_dim]).
+
+    `kv_cache` is vLLM's CPU cache of one layer viewed as [blocks, kv_heads, 2 * block_size, head_dim];
+    `requests` int64 [R, 5]: block-table row, first query row, query count, sequence length, offset of the
+    request's [count, seq_len] visibility matrix in the flat uint8 `mask`.
+    """
+    torch.ops.vllm_zipar.masked_paged_attention(
+        query, kv_cache, block_table, requests, mask, scale, key_transposed, output
+    )
