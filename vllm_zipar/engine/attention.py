@@ -103,30 +103,41 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         zipar: ZipARAttentionInputs | None = getattr(attn_metadata, "zipar", None)
-        stock_metadata = attn_metadata
-        if zipar is not None and zipar.masked:
-            stock_metadata = self._stock_metadata(zipar, attn_metadata, layer, query.dtype)
-        output = super().forward(layer, query, key, value, kv_cache, stock_metadata, output, *args, **kwargs)
         if zipar is None:
-            return output
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         key_layout = self._kernel_layout(layer, query.dtype, kv_cache)
-        if key_layout is not None:
+        masked = zipar.masked
+        # A step whose every row is masked (ZipAR images past their causal start) skips the stock kernel.
+        if key_layout is None or not zipar.covers(
+            attn_metadata.seq_lens.shape[0], attn_metadata.num_actual_tokens
+        ):
+            stock_metadata = (
+                self._stock_metadata(zipar, attn_metadata, layer, query.dtype) if masked else attn_metadata
+            )
+            output = super().forward(
+                layer, query, key, value, kv_cache, stock_metadata, output, *args, **kwargs
+            )
+        if key_layout is None:
+            return self._pytorch_masked_rows(zipar, layer, query, key, value, kv_cache, attn_metadata, output)
+        if masked:
             # The compiled kernel reads the step's keys and values from vLLM's cache (written before this
             # call: the CPU backend updates the cache outside forward), so no per-request state is kept.
-            if zipar.masked:
-                requests, mask = zipar.kernel_inputs()
-                num_blocks, kv_heads, block_size, _ = kv_cache.shape
-                masked_paged_attention(
-                    query,
-                    kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1),
-                    attn_metadata.block_table,
-                    requests,
-                    mask,
-                    self.scale,
-                    key_layout == "transposed",
-                    output.view(output.shape[0], -1),
-                )
-            return output
+            requests, mask = zipar.kernel_inputs()
+            num_blocks, kv_heads, block_size, _ = kv_cache.shape
+            masked_paged_attention(
+                query,
+                kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1),
+                attn_metadata.block_table,
+                requests,
+                mask,
+                self.scale,
+                key_layout == "transposed",
+                output.view(output.shape[0], -1),
+            )
+        return output
+
+    def _pytorch_masked_rows(self, zipar, layer, query, key, value, kv_cache, attn_metadata, output):
+        """The fallback: per-request key/value buffers and a few tensor ops per masked request."""
         for req_id in zipar.finished:
             self.request_kv.pop(req_id, None)
         flat_out = output.view(output.shape[0], -1)

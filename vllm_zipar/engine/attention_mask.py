@@ -11,6 +11,7 @@ with the mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,9 +110,15 @@ class ZipARAttentionInputs:
     # The masked requests packed for the compiled kernel (built by the first layer that uses it).
     _kernel_inputs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def masked(self) -> list[ImageAttentionRows]:
+        """The requests that need the mask (read by the layers, after every `add` of the step)."""
         return [r for r in self.requests if r.mask is not None]
+
+    def covers(self, num_requests: int, num_tokens: int) -> bool:
+        """Whether the masked requests are the whole batch: every row of the step is theirs."""
+        masked = self.masked
+        return len(masked) == num_requests and sum(r.count for r in masked) == num_tokens
 
     def kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(requests, mask) for `masked_kernel.masked_paged_attention`: one int64 row per masked request
