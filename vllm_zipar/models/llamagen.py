@@ -67,6 +67,35 @@ def apply_llamagen_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+class LlamaGenRotary:
+    """One step's 2D rotary embedding for every layer: the table rows of the step's raster positions.
+
+    In float32 it runs as vLLM's fused `rotary_embedding` op (GPT-J style: interleaved pairs, as the authors
+    rotate), in place on the q and k views of the fused projection: one call per layer instead of ~16
+    tensor ops, bit-identical to `apply_llamagen_rope` (tests/models). Other dtypes keep the authors'
+    formula, which rotates in float32 (vLLM's op would round the table to the activations' dtype).
+    """
+
+    def __init__(
+        self, positions: torch.Tensor, table: torch.Tensor, cos_sin_cache: torch.Tensor, dtype
+    ) -> None:
+        self.fused = dtype == torch.float32 and hasattr(torch.ops._C, "rotary_embedding")
+        self.positions = positions
+        self.cos_sin_cache = cos_sin_cache
+        self.cos_sin = None if self.fused else table[positions]
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim] -> rotated, [tokens, heads, dim]."""
+        tokens = q.shape[0]
+        if self.fused:
+            torch.ops._C.rotary_embedding(self.positions, q, k, head_dim, self.cos_sin_cache, False)
+            return q.view(tokens, -1, head_dim), k.view(tokens, -1, head_dim)
+        return (
+            apply_llamagen_rope(q.view(tokens, -1, head_dim), self.cos_sin),
+            apply_llamagen_rope(k.view(tokens, -1, head_dim), self.cos_sin),
+        )
+
+
 class LlamaGenAttention(nn.Module):
     def __init__(self, config: LlamaGenConfig, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
@@ -104,13 +133,12 @@ class LlamaGenAttention(nn.Module):
         x = nn.functional.pad(x, (0, self.kernel_head_dim - self.head_dim))
         return x.reshape(x.shape[0], heads * self.kernel_head_dim)
 
-    def forward(self, hidden: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: LlamaGenRotary) -> torch.Tensor:
         qkv, _ = self.wqkv(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         tokens = hidden.shape[0]
-        q = apply_llamagen_rope(q.view(tokens, self.num_heads, self.head_dim), cos_sin)
-        k = apply_llamagen_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos_sin)
+        q, k = rotary.rotate(q, k, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(
             self._to_kernel_heads(q, self.num_heads),
@@ -148,8 +176,8 @@ class LlamaGenBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(self, x: torch.Tensor, rotary: LlamaGenRotary) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotary)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -173,6 +201,12 @@ class LlamaGenForImageGeneration(nn.Module):
         self.output = ParallelLMHead(config.codebook_size, config.dim, prefix=f"{prefix}output")
         self.logits_processor = LogitsProcessor(config.codebook_size)
         self.register_buffer("rope_table", llamagen_rope_table(config), persistent=False)
+        # The same table as vLLM's rotary op reads it: [positions, head_dim] = (cos..., sin...).
+        self.register_buffer(
+            "rope_cos_sin_cache",
+            torch.cat([self.rope_table[..., 0], self.rope_table[..., 1]], -1),
+            persistent=False,
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_class = input_ids >= self.config.codebook_size
@@ -190,9 +224,9 @@ class LlamaGenForImageGeneration(nn.Module):
     ) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         # Positions are raster indices (class prefix first); the table row holds that cell's 2D rotation.
-        cos_sin = self.rope_table[positions]
+        rotary = LlamaGenRotary(positions, self.rope_table, self.rope_cos_sin_cache, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin)
+            hidden = layer(hidden, rotary)
         return self.norm(hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
