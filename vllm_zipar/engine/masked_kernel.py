@@ -2,7 +2,8 @@
 
 Built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`, ninja) the first time an
 engine needs it, for this machine's CPU (`-march=native`), into PyTorch's extension cache
-(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later starts load it in milliseconds.
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`, under a name that includes a digest of the CPU's
+instruction-set flags); later starts load it in milliseconds.
 `scripts/install.sh` builds it once so that no engine start pays the ~1 minute compile. Where it cannot be
 built (no compiler) or is switched off (`VLLM_ZIPAR_MASKED_KERNEL=0`), attention.py falls back to the
 PyTorch path, which is exact too but slower: one warning says so.
@@ -11,8 +12,10 @@ PyTorch path, which is exact too but slower: one warning says so.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -27,6 +30,18 @@ def kernel_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "False", "")
 
 
+def cpu_tag() -> str:
+    """A short digest of this CPU's model and instruction-set flags. PyTorch's extension cache is keyed by
+    name and sources, not by CPU: without it, a `-march=native` build in a home directory shared by several
+    nodes (a Ray cluster on NFS) could be loaded on a node that lacks its instructions."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))][:2]
+    return hashlib.sha256("\n".join(wanted or [platform.machine()]).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def load_masked_kernel() -> bool:
     """Build (once per machine) and load the kernel; False, with one warning, if that is not possible."""
@@ -36,7 +51,7 @@ def load_masked_kernel() -> bool:
 
     try:
         cpp_extension.load(
-            name="vllm_zipar_masked_attention",
+            name=f"vllm_zipar_masked_attention_{cpu_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
