@@ -73,3 +73,22 @@ def test_guided_output_is_both_streams_feeds_and_reads_back_to_every_cell_once(w
     decoding = ImageDecoding.parse("ntp" if window is None else "zipar", window)
     with pytest.raises(ValueError, match="with cfg_scale=2.0 on a 8x8 grid feeds up to"):
         decoding.with_guidance(Guidance(2.0, 1)).check_fits(layout, 1)
+
+
+@pytest.mark.parametrize(
+    ("decoding", "window", "guided", "needs"),
+    [
+        ("ntp", None, False, False),
+        ("zipar", 8, False, False),
+        ("zipar", 30, False, False),
+        ("zipar", 7, False, True),
+        ("zipar", 1, False, True),
+        ("ntp", None, True, True),
+        ("zipar", 8, True, True),
+    ],
+)
+def test_which_decodings_need_the_masked_attention(decoding, window, guided, needs):
+    chosen = ImageDecoding.parse(decoding, window)
+    if guided:
+        chosen = chosen.with_guidance(Guidance.parse(2.0, 1))
+    assert chosen.needs_masked_attention(GridLayout(prompt_len=1, height=8, width=8)) is needs

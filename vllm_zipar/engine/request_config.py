@@ -104,6 +104,11 @@ class ImageDecoding:
     def num_output_tokens(self, layout: GridLayout) -> int:
         return len(output_cells(layout, self.window, self.uncond_prompt_len))
 
+    def needs_masked_attention(self, layout: GridLayout) -> bool:
+        """Whether this decoding's passes need the ZipAR mask: rows started before the row above is complete,
+        or two streams (guidance) in one KV sequence."""
+        return self.guidance is not None or (self.window is not None and self.window < layout.width)
+
     def check_fits(self, layout: GridLayout, token_budget: int) -> None:
         """Refuse a decoding whose passes cannot run whole within the engine's token budget."""
         needed = plan_shape(layout, self.window, self.uncond_prompt_len).max_pass_tokens

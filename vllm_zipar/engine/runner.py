@@ -19,6 +19,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_zipar.engine.attention import zipar_attention_backend
 from vllm_zipar.engine.attention_mask import ImageKeyMetadata, ZipARAttentionInputs
 from vllm_zipar.engine.sampling import sample_cells
 from vllm_zipar.engine.step_inputs import ImageStepInputs
@@ -121,6 +122,12 @@ class ZipARRunnerMixin:
     def _build_attention_metadata(self, *args, **kwargs):  # type: ignore[override]
         attn_metadata, spec_common = super()._build_attention_metadata(*args, **kwargs)  # type: ignore[misc]
         attention = self._step_attention
+        if attention is not None and attention.masked and zipar_attention_backend() is None:
+            # Front-ends refuse such requests; this guards direct engine use (extra_args).
+            raise RuntimeError(
+                "a ZipAR-masked step reached a platform without the ZipAR attention backend (CPU only in "
+                "this version): its tokens would be wrong"
+            )
         if attention is not None and isinstance(attn_metadata, dict):
             for metadata in {id(m): m for m in attn_metadata.values()}.values():
                 metadata.zipar = attention

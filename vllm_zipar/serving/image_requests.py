@@ -142,6 +142,13 @@ class ImageRequests:
         """
         chosen = self.decoding(decoding, zipar_window, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
         chosen.check_fits(self.layout(chosen), self.token_budget)
+        if not _on_cpu() and chosen.needs_masked_attention(self.layout(chosen)):
+            # The platform's own attention would silently attend causally: wrong tokens, not an error.
+            raise ValueError(
+                "ZipAR windows below the grid width and classifier-free guidance need the ZipAR-masked "
+                "attention, which this version implements for vLLM's CPU backend only; on this platform use "
+                "decoding='ntp' with cfg_scale=1"
+            )
         prompt_ids = [self.config.class_token_id(class_label)]
         if chosen.guidance is not None:
             prompt_ids.append(self.config.null_class_token_id)
