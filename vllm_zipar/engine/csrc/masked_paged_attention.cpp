@@ -71,6 +71,10 @@ template <int NC, typename T>
 inline void value_panel(const T* values, int64_t head_dim, int64_t tokens, const float* p, int64_t score_stride,
                         f32x16 (&acc)[kRowBlock][4]) {
   for (int64_t t = 0; t < tokens; ++t) {
+    // A key no row may see (the other stream of a guided image, a proxy, a later row): skip its value row.
+    if (p[t] == 0.f && p[score_stride + t] == 0.f && p[2 * score_stride + t] == 0.f &&
+        p[3 * score_stride + t] == 0.f)
+      continue;
     const T* v = values + t * head_dim;
     for (int c = 0; c < NC; ++c) {
       const f32x16 vv = load16(v + c * kLanes);
