@@ -60,6 +60,24 @@ def test_masked_rows_take_the_compiled_kernel_and_keep_no_kv_copy(grid8):
     assert all(not impl.request_kv for impl in impls)  # the PyTorch path's per-request buffers stay unused
 
 
+def test_steps_whose_rows_are_all_masked_skip_the_stock_kernel(grid8, monkeypatch):
+    from vllm import _custom_ops
+
+    generator, _ = grid8
+    calls = []
+    stock = _custom_ops.cpu_attention_with_kv_cache
+    monkeypatch.setattr(
+        _custom_ops, "cpu_attention_with_kv_cache", lambda *a, **k: calls.append(1) or stock(*a, **k)
+    )
+    layers = len(attention_impls(generator))
+    ntp = generator.generate([2], temperature=0.0, decoding="ntp")[0]
+    assert len(calls) == ntp.passes * layers  # causal steps: vLLM's kernel every layer, every pass
+    calls.clear()
+    zipar = generator.generate([2], temperature=0.0, zipar_window=2)[0]
+    # Only the causal start (prefill, row 0) uses it; the masked steps run the compiled kernel alone.
+    assert 0 < len(calls) <= 10 * layers < zipar.passes * layers
+
+
 def test_window_of_at_least_the_width_gives_the_ntp_tokens(grid8):
     generator, oracle = grid8
     ntp = generator.generate([2, 5], seeds=[8, 9], decoding="ntp", **SAMPLING)
