@@ -122,7 +122,7 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
         if masked:
             # The compiled kernel reads the step's keys and values from vLLM's cache (written before this
             # call: the CPU backend updates the cache outside forward), so no per-request state is kept.
-            requests, mask = zipar.kernel_inputs()
+            requests, mask = zipar.kernel_inputs
             num_blocks, kv_heads, block_size, _ = kv_cache.shape
             masked_paged_attention(
                 query,

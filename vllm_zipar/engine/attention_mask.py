@@ -107,33 +107,33 @@ class ZipARAttentionInputs:
     finished: tuple[str, ...] = ()
     # The stock kernel's metadata with masked requests' contexts cut short (built by the first layer).
     stock_metadata: object | None = None
-    # The masked requests packed for the compiled kernel (built by the first layer that uses it).
-    _kernel_inputs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @functools.cached_property
     def masked(self) -> list[ImageAttentionRows]:
         """The requests that need the mask (read by the layers, after every `add` of the step)."""
         return [r for r in self.requests if r.mask is not None]
 
+    @functools.cached_property
+    def masked_tokens(self) -> int:
+        return sum(r.count for r in self.masked)
+
     def covers(self, num_requests: int, num_tokens: int) -> bool:
         """Whether the masked requests are the whole batch: every row of the step is theirs."""
-        masked = self.masked
-        return len(masked) == num_requests and sum(r.count for r in masked) == num_tokens
+        return len(self.masked) == num_requests and self.masked_tokens == num_tokens
 
+    @functools.cached_property
     def kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(requests, mask) for `masked_kernel.masked_paged_attention`: one int64 row per masked request
         (block-table row, first query row, query count, sequence length, mask offset) and every request's
         visibility matrix, flattened into one uint8 tensor. Built once per step, shared by all layers."""
-        if self._kernel_inputs is None:
-            masked = self.masked
-            rows = np.zeros((len(masked), 5), dtype=np.int64)
-            offset = 0
-            for i, r in enumerate(masked):
-                rows[i] = (r.batch_index, r.query_start, r.count, r.seq_len, offset)
-                offset += r.mask.size
-            flat = np.concatenate([r.mask.ravel() for r in masked]) if masked else np.zeros(0, dtype=bool)
-            self._kernel_inputs = (torch.from_numpy(rows), torch.from_numpy(flat.view(np.uint8)))
-        return self._kernel_inputs
+        masked = self.masked
+        rows = np.zeros((len(masked), 5), dtype=np.int64)
+        offset = 0
+        for i, r in enumerate(masked):
+            rows[i] = (r.batch_index, r.query_start, r.count, r.seq_len, offset)
+            offset += r.mask.size
+        flat = np.concatenate([r.mask.ravel() for r in masked]) if masked else np.zeros(0, dtype=bool)
+        return torch.from_numpy(rows), torch.from_numpy(flat.view(np.uint8))
 
     def add(
         self,

@@ -38,6 +38,7 @@ class ZipARRunnerMixin:
         self._step_guides: list[tuple[int, int, float]] = []  # (sample, unconditional token row, cfg scale)
         self._step_attention: ZipARAttentionInputs | None = None
         self._finished_images: tuple[str, ...] = ()
+        self._has_zipar_attention = zipar_attention_backend() is not None
 
     def _update_states(self, scheduler_output):  # type: ignore[override]
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
@@ -122,7 +123,7 @@ class ZipARRunnerMixin:
     def _build_attention_metadata(self, *args, **kwargs):  # type: ignore[override]
         attn_metadata, spec_common = super()._build_attention_metadata(*args, **kwargs)  # type: ignore[misc]
         attention = self._step_attention
-        if attention is not None and attention.masked and zipar_attention_backend() is None:
+        if attention is not None and attention.masked and not self._has_zipar_attention:
             # Front-ends refuse such requests; this guards direct engine use (extra_args).
             raise RuntimeError(
                 "a ZipAR-masked step reached a platform without the ZipAR attention backend (CPU only in "

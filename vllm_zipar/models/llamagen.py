@@ -12,6 +12,7 @@ Weights load from the authors' `.pt` file named in config.json, in any of their 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -67,6 +68,11 @@ def apply_llamagen_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+@functools.cache
+def vllm_has_rotary_op() -> bool:
+    return hasattr(torch.ops._C, "rotary_embedding")
+
+
 class LlamaGenRotary:
     """One step's 2D rotary embedding for every layer: the table rows of the step's raster positions.
 
@@ -79,7 +85,7 @@ class LlamaGenRotary:
     def __init__(
         self, positions: torch.Tensor, table: torch.Tensor, cos_sin_cache: torch.Tensor, dtype
     ) -> None:
-        self.fused = dtype == torch.float32 and hasattr(torch.ops._C, "rotary_embedding")
+        self.fused = dtype == torch.float32 and vllm_has_rotary_op()
         self.positions = positions
         self.cos_sin_cache = cos_sin_cache
         self.cos_sin = None if self.fused else table[positions]

@@ -141,8 +141,9 @@ class ImageRequests:
         unconditional sequence.
         """
         chosen = self.decoding(decoding, zipar_window, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
-        chosen.check_fits(self.layout(chosen), self.token_budget)
-        if not _on_cpu() and chosen.needs_masked_attention(self.layout(chosen)):
+        layout = self.layout(chosen)
+        chosen.check_fits(layout, self.token_budget)
+        if not _on_cpu() and chosen.needs_masked_attention(layout):
             # The platform's own attention would silently attend causally: wrong tokens, not an error.
             raise ValueError(
                 "ZipAR windows below the grid width and classifier-free guidance need the ZipAR-masked "

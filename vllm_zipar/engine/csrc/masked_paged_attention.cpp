@@ -109,7 +109,7 @@ void masked_attention_impl(const at::Tensor& query, const at::Tensor& kv_cache, 
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_rows, scores;
+    std::vector<float> q_rows, scores, totals;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t r = unit / kv_heads, kvh = unit % kv_heads;
       const int64_t table_row = req[r * 5], first_query = req[r * 5 + 1], count = req[r * 5 + 2];
@@ -167,7 +167,7 @@ void masked_attention_impl(const at::Tensor& query, const at::Tensor& kv_cache, 
       }
 
       // Masked softmax (unnormalised; invisible keys and the tail of the last block get weight 0).
-      std::vector<float> totals(padded_rows, 1.f);
+      totals.assign(padded_rows, 1.f);
       for (int64_t row = 0; row < rows; ++row) {
         const uint8_t* vis = visible + (row / group) * seq_len;
         float* s = scores.data() + row * score_stride;
