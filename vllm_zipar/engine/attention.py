@@ -143,7 +143,7 @@ class ZipARCPUAttentionImpl(CPUAttentionBackendImpl):
         flat_out = output.view(output.shape[0], -1)
         for rows in zipar.requests:
             kv = self._request_kv(rows, layer, key, value, kv_cache, attn_metadata)
-            if rows.mask is not None:
+            if rows.is_masked:
                 flat_out[rows.query_start : rows.query_start + rows.count] = self._masked(rows, query, kv)
         return output
 
@@ -244,11 +244,3 @@ class ZipARCPUAttentionBackend(CPUAttentionBackend):
     def get_impl_cls() -> type[ZipARCPUAttentionImpl]:
         return ZipARCPUAttentionImpl
 
-
-def zipar_attention_backend():
-    """The attention backend class for this platform (None: the platform's default, no ZipAR mask)."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        return ZipARCPUAttentionBackend
-    return None

@@ -76,19 +76,27 @@ class ImageKeyMetadata:
 @dataclass
 class ImageAttentionRows:
     """One ZipAR request's tokens in this step: rows `[query_start, query_start + count)` of the batch,
-    which are its KV tokens `[first_token, first_token + count)`; `mask` is None while still causal."""
+    which are its KV tokens `[first_token, first_token + count)` described by `keys`; `is_masked` is False
+    while the request is still plain causal."""
 
     batch_index: int
     req_id: str
     query_start: int
     first_token: int
     count: int
-    mask: np.ndarray | None
+    keys: ImageKeyMetadata = field(repr=False)
+    is_masked: bool
     _additive: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def seq_len(self) -> int:
         return self.first_token + self.count
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray | None:
+        """Boolean [count, seq_len] visibility of the step's queries (None while causal); built on first
+        use, by the CPU backend only (FlexAttention evaluates the rule on the device)."""
+        return self.keys.mask(self.first_token, self.count) if self.is_masked else None
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[count, seq_len]: 0 where visible, -inf elsewhere (built once per step, shared by all layers)."""
@@ -111,7 +119,7 @@ class ZipARAttentionInputs:
     @functools.cached_property
     def masked(self) -> list[ImageAttentionRows]:
         """The requests that need the mask (read by the layers, after every `add` of the step)."""
-        return [r for r in self.requests if r.mask is not None]
+        return [r for r in self.requests if r.is_masked]
 
     @functools.cached_property
     def masked_tokens(self) -> int:
@@ -144,6 +152,7 @@ class ZipARAttentionInputs:
         count: int,
         keys: ImageKeyMetadata,
     ) -> None:
-        seq_len = first_token + count
-        mask = None if keys.is_causal(seq_len) else keys.mask(first_token, count)
-        self.requests.append(ImageAttentionRows(batch_index, req_id, query_start, first_token, count, mask))
+        is_masked = not keys.is_causal(first_token + count)
+        self.requests.append(
+            ImageAttentionRows(batch_index, req_id, query_start, first_token, count, keys, is_masked)
+        )

@@ -19,7 +19,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_zipar.engine.attention import zipar_attention_backend
+from vllm_zipar.engine.attention_backends import attention_choice
 from vllm_zipar.engine.attention_mask import ImageKeyMetadata, ZipARAttentionInputs
 from vllm_zipar.engine.sampling import sample_cells
 from vllm_zipar.engine.step_inputs import ImageStepInputs
@@ -38,7 +38,15 @@ class ZipARRunnerMixin:
         self._step_guides: list[tuple[int, int, float]] = []  # (sample, unconditional token row, cfg scale)
         self._step_attention: ZipARAttentionInputs | None = None
         self._finished_images: tuple[str, ...] = ()
-        self._has_zipar_attention = zipar_attention_backend() is not None
+        choice = attention_choice()
+        self._has_zipar_attention = choice is not None
+        # FlexAttention takes the ZipAR mask as device buffers the runner fills per step; the CPU backend
+        # reads the step's `ZipARAttentionInputs` from the metadata.
+        self._flex_masks = None
+        if choice == "flex":
+            from vllm_zipar.engine.flex_attention import ZipARFlexMasks
+
+            self._flex_masks = ZipARFlexMasks(self.max_num_reqs, self.max_model_len)  # type: ignore[attr-defined]
 
     def _update_states(self, scheduler_output):  # type: ignore[override]
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
@@ -126,12 +134,15 @@ class ZipARRunnerMixin:
         if attention is not None and attention.masked and not self._has_zipar_attention:
             # Front-ends refuse such requests; this guards direct engine use (extra_args).
             raise RuntimeError(
-                "a ZipAR-masked step reached a platform without the ZipAR attention backend (CPU only in "
-                "this version): its tokens would be wrong"
+                "a ZipAR-masked step reached a platform without a ZipAR attention backend (vLLM's CPU "
+                "platform and CUDA have one): its tokens would be wrong"
             )
         if attention is not None and isinstance(attn_metadata, dict):
             for metadata in {id(m): m for m in attn_metadata.values()}.values():
-                metadata.zipar = attention
+                if self._flex_masks is not None:
+                    self._flex_masks.attach(metadata, attention)
+                else:
+                    metadata.zipar = attention
         return attn_metadata, spec_common
 
     def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: object) -> SamplerOutput:

@@ -35,7 +35,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_zipar.engine.attention import zipar_attention_backend
+from vllm_zipar.engine.attention_backends import zipar_attention_backend
 from vllm_zipar.models.llamagen_checkpoint import check_gpt_state_dict, unwrap_authors_layout
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 

@@ -1,7 +1,9 @@
 """Every monkey patch of vLLM, one module each, applied only from here (see README.md).
 
 `apply_cli_patches()` is called once by our `vllm` console command (`vllm_zipar.serving.vllm_command`)
-before vLLM's own `main` runs. Each patch checks the vLLM version it was written for and refuses any other:
+before vLLM's own `main` runs; `apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is
+selected on the CPU platform (`vllm_zipar.engine.attention_backends`).
+Each patch checks the vLLM version it was written for and refuses any other:
 a patch silently applied to code it was not written against is worse than a clear error.
 """
 
@@ -41,3 +43,10 @@ def apply_cli_patches() -> None:
 
     apply_once("cli_version", cli_version.apply)
     apply_once("serve_flags", serve_flags.apply)
+
+
+def apply_flex_attention_cpu_patches() -> None:
+    """Eager FlexAttention inside vLLM's FlexAttention backend (CPU platform only)."""
+    from vllm_zipar.patches import flex_attention_cpu
+
+    apply_once("flex_attention_cpu", flex_attention_cpu.apply)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vllm_zipar.engine.attention_backends import has_zipar_attention
 from vllm_zipar.engine.request_config import Guidance, ImageDecoding, output_cells
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 from vllm_zipar.zipar.layout import GridLayout
@@ -143,12 +144,12 @@ class ImageRequests:
         chosen = self.decoding(decoding, zipar_window, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
         layout = self.layout(chosen)
         chosen.check_fits(layout, self.token_budget)
-        if not _on_cpu() and chosen.needs_masked_attention(layout):
+        if chosen.needs_masked_attention(layout) and not has_zipar_attention():
             # The platform's own attention would silently attend causally: wrong tokens, not an error.
             raise ValueError(
                 "ZipAR windows below the grid width and classifier-free guidance need the ZipAR-masked "
-                "attention, which this version implements for vLLM's CPU backend only; on this platform use "
-                "decoding='ntp' with cfg_scale=1"
+                "attention, which this version implements for vLLM's CPU platform and for CUDA "
+                "(FlexAttention); on this platform use decoding='ntp' with cfg_scale=1"
             )
         prompt_ids = [self.config.class_token_id(class_label)]
         if chosen.guidance is not None:
