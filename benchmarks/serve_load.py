@@ -7,6 +7,11 @@ until `--requests` have completed. Prints p50/p99 latency and images/s, fails on
 
     python benchmarks/serve_load.py                 # 32 clients, 200 requests
     python benchmarks/serve_load.py --quick         # 4 clients, 8 requests (the test suite's smoke run)
+    python benchmarks/serve_load.py --profile mixed --requests 300   # every third request is a bad one
+
+The mixed profile cycles through bad requests (malformed JSON, out-of-range values, an oversized body, a
+wrong content type, a wrong method) between good ones: each must get its own 4xx, the good ones 200, and no
+request a 5xx.
 """
 
 from __future__ import annotations
@@ -27,6 +32,24 @@ DEFAULT_MODEL = ROOT / "models" / "digits"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+JSON = {"content-type": "application/json"}
+ERROR_FIELDS = {"message", "type", "param", "code"}
+# (method, headers, body, expected status): one of each kind of bad request the route refuses.
+BAD_REQUESTS = [
+    ("POST", JSON, b"{oops", 400),
+    ("POST", JSON, b'{"prompt": "1", "temperature": 3}', 400),
+    ("POST", JSON, b'{"prompt": "1", "zipar_window": 18446744073709551616}', 400),
+    ("POST", JSON, b'{"prompt": "1", "cfg_scale": 1e308}', 400),
+    ("POST", JSON, b'{"prompt": "1", "seed": -1}', 400),
+    ("POST", JSON, b'{"prompt": "unicorn"}', 400),
+    ("POST", JSON, b'{"prompt": "1", "n": 11}', 400),
+    ("POST", JSON, b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413),
+    ("POST", {"content-type": "text/plain"}, b'{"prompt": "1"}', 415),
+    ("GET", {}, b"", 405),
+    ("POST", JSON, b'{"prompt": "1", "model": "dall-e-3"}', 404),
+]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -38,12 +61,17 @@ def display_path(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
-async def run_load(url: str, clients: int, requests: int, num_classes: int, n: int) -> dict:
+async def run_load(
+    url: str, clients: int, requests: int, num_classes: int, n: int, profile: str = "good"
+) -> dict:
     import httpx
 
     latencies: list[float] = []
     finished_at: list[float] = []
     errors: list[str] = []
+    statuses: dict[int, int] = {}
+    good_latencies: list[float] = []
+    good_finished: list[float] = []
     next_request = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -54,21 +82,40 @@ async def run_load(url: str, clients: int, requests: int, num_classes: int, n: i
                 i = next_request
                 next_request += 1
                 body = {"prompt": str(i % num_classes), "seed": i, "n": n}
+                bad = (
+                    BAD_REQUESTS[(i // 3) % len(BAD_REQUESTS)] if profile == "mixed" and i % 3 == 2 else None
+                )
                 start = time.perf_counter()
                 try:
-                    response = await http.post("/v1/images/generations", json=body)
-                    if response.status_code != 200 or len(response.json()["data"]) != n:
+                    if bad is None:
+                        response = await http.post("/v1/images/generations", json=body)
+                        ok = response.status_code == 200 and len(response.json()["data"]) == n
+                    else:
+                        method, headers, content, expected = bad
+                        response = await http.request(
+                            method, "/v1/images/generations", content=content, headers=headers
+                        )
+                        error = response.json().get("error", {})
+                        ok = response.status_code == expected and set(error) == ERROR_FIELDS
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    if not ok:
                         errors.append(f"request {i}: HTTP {response.status_code} {response.text[:200]}")
                 except httpx.HTTPError as err:
                     errors.append(f"request {i}: {type(err).__name__}: {err}")
                 now = time.perf_counter()
                 latencies.append(now - start)
                 finished_at.append(now)
+                if bad is None:
+                    good_latencies.append(now - start)
+                    good_finished.append(now)
 
         begin = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - begin
     return {
+        "statuses": statuses,
+        "good_latencies_s": good_latencies,
+        "good_finished_at_s": [t - begin for t in good_finished],
         "latencies_s": latencies,
         "finished_at_s": [t - begin for t in finished_at],
         "errors": errors,
@@ -99,6 +146,9 @@ def plot(name: str, title: str, latencies: list[float], finished_at: list[float]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 clients, 8 requests")
+    parser.add_argument(
+        "--profile", choices=["good", "mixed"], default="good", help="mixed: every third request is bad"
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory to serve")
     parser.add_argument("--url", default=None, help="a running loopback server instead of starting one")
     parser.add_argument("--clients", type=int, default=None, help="requests in flight (default 32)")
@@ -110,6 +160,8 @@ def main() -> int:
     clients = args.clients or (4 if args.quick else 32)
     requests = args.requests or (8 if args.quick else 200)
     name = "serve_load_quick" if args.quick else "serve_load"
+    if args.profile == "mixed":
+        name += "_mixed"
 
     from vllm_zipar.models.model_dir import load_config
     from vllm_zipar.serving.launch import ServedModel
@@ -132,7 +184,7 @@ def main() -> int:
     elif urlparse(url).hostname not in LOOPBACK:
         parser.error(f"--url must be a loopback address ({', '.join(LOOPBACK)}), got {url}")
     try:
-        result = asyncio.run(run_load(url, clients, requests, num_classes, args.n))
+        result = asyncio.run(run_load(url, clients, requests, num_classes, args.n, args.profile))
         kv_usage = server.idle_kv_usage(timeout=15.0) if server is not None else None
     finally:
         if server is not None:
@@ -140,14 +192,18 @@ def main() -> int:
     if server is not None and not result["errors"]:
         log.unlink(missing_ok=True)  # kept when a request failed
 
-    latencies = result["latencies_s"]
-    images_per_s = requests * args.n / result["wall_s"]
+    latencies = result["good_latencies_s"]
+    images_per_s = len(latencies) * args.n / result["wall_s"]
     summary = {
         "model": display_path(args.model),
         "window": args.window,
         "cfg_scale": cfg_scale,
         "clients": clients,
         "requests": requests,
+        "profile": args.profile,
+        "bad_requests": requests - len(latencies),
+        "statuses": {str(code): count for code, count in sorted(result["statuses"].items())},
+        "server_errors_5xx": sum(c for code, c in result["statuses"].items() if code >= 500),
         "images_per_request": args.n,
         "errors": len(result["errors"]),
         "wall_s": round(result["wall_s"], 3),
@@ -159,14 +215,20 @@ def main() -> int:
         "machine": machine(),
     }
     path = write_json(name, {**summary, "latencies_s": [round(t, 4) for t in latencies]})
+    good = (
+        f"{requests} requests"
+        if args.profile == "good"
+        else f"{len(latencies)} good + {requests - len(latencies)} bad"
+    )
     title = (
-        f"POST /v1/images/generations: {clients} clients, {requests} requests, ZipAR-{args.window}, "
+        f"POST /v1/images/generations: {clients} clients, {good}, ZipAR-{args.window}, "
         f"CFG {cfg_scale:g}\n"
         f"p50 {summary['p50_s']:.2f} s, p99 {summary['p99_s']:.2f} s, {images_per_s:.2f} images/s"
     )
-    png = plot(name, title, latencies, result["finished_at_s"])
+    png = plot(name, title, latencies, result["good_finished_at_s"])
     print(
-        f"[serve_load] {requests} requests, {clients} clients: errors {summary['errors']}, "
+        f"[serve_load] {requests} requests ({summary['bad_requests']} bad), {clients} clients: "
+        f"errors {summary['errors']}, 5xx {summary['server_errors_5xx']}, statuses {summary['statuses']}, "
         f"p50 {summary['p50_s']:.3f} s, p99 {summary['p99_s']:.3f} s, {images_per_s:.3f} images/s, "
         f"wall {summary['wall_s']:.1f} s"
     )

@@ -29,21 +29,26 @@ RANDOM_DEMO_MODEL = {
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
+    config = _init(args)
+    print(
+        f"wrote {Path(args.model_dir) / 'config.json'}: {config.gpt_model or 'custom'} GPT, "
+        f"{config.grid_size}x{config.grid_size} grid, {config.num_classes} classes"
+    )
+    return 0
+
+
+def _init(args: argparse.Namespace):
     from vllm_zipar.models.model_dir import init_model_dir
 
-    config = init_model_dir(
+    return init_model_dir(
         args.model_dir,
         args.gpt,
         args.vq,
         image_size=args.image_size,
         downsample=args.downsample,
         gpt_model=args.gpt_model,
+        **{name: value for name in ("n_head", "n_kv_head") if (value := getattr(args, name)) is not None},
     )
-    print(
-        f"wrote {Path(args.model_dir) / 'config.json'}: {config.gpt_model or 'custom'} GPT, "
-        f"{config.grid_size}x{config.grid_size} grid, {config.num_classes} classes"
-    )
-    return 0
 
 
 def cmd_write_random_model(args: argparse.Namespace) -> int:
@@ -83,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=int, default=16, help="VQ downsampling factor (16 for VQ-16)")
     p.add_argument(
         "--gpt-model", default=None, help="authors' preset (GPT-B, GPT-L, ...); inferred if omitted"
+    )
+    p.add_argument(
+        "--n-head",
+        type=int,
+        default=None,
+        help="attention heads of a custom GPT (not one of the presets); width, depth, vocabulary and "
+        "classes are read from the weights",
+    )
+    p.add_argument(
+        "--n-kv-head", type=int, default=None, help="key/value heads of a custom GPT (default: n-head)"
     )
     p.set_defaults(func=cmd_init_model)
 

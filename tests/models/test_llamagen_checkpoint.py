@@ -95,10 +95,39 @@ def test_class_labels_outside_the_range_are_refused(config):
     assert config.null_class_token_id == 256 + 10
 
 
+def write_codebook(path, codes: int, code_dim: int = 8) -> None:
+    """A VQ checkpoint holding only its codebook: what init-model reads of it."""
+    torch.save({"model": {"quantize.embedding.weight": torch.zeros(codes, code_dim)}}, path)
+
+
+def test_init_model_refuses_a_vq_whose_codebook_is_not_the_gpts_vocabulary(tmp_path):
+    config = LlamaGenConfig(**TINY)
+    save_gpt_checkpoint(random_gpt_state_dict(config), tmp_path / "c2i_tiny.pt", "model", config)
+    write_codebook(tmp_path / "vq.pt", 16384)
+    with pytest.raises(
+        ValueError, match=r"vq.pt: its codebook has 16384 codes but the GPT \(c2i_tiny.pt\) has a "
+    ):
+        init_model_dir(tmp_path, "c2i_tiny.pt", "vq.pt", image_size=128, n_head=2, multiple_of=32)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_init_model_cli_takes_a_custom_gpt_with_n_head(tmp_path, capsys):
+    from vllm_zipar.cli import main
+
+    config = LlamaGenConfig(**{**TINY, "multiple_of": 256})  # the default: the CLI has no flag for it
+    save_gpt_checkpoint(random_gpt_state_dict(config), tmp_path / "c2i_tiny.pt", "model", config)
+    write_codebook(tmp_path / "vq.pt", 256)
+    argv = ["init-model", str(tmp_path), "--gpt", "c2i_tiny.pt", "--vq", "vq.pt", "--image-size", "128"]
+    assert main(argv) == 2  # no preset has this width, and no --n-head
+    assert "--n-head" in capsys.readouterr().err
+    assert main([*argv, "--n-head", "2"]) == 0
+    assert load_config(tmp_path).n_head == 2
+
+
 def test_init_model_writes_a_config_that_round_trips(tmp_path):
     config = LlamaGenConfig(**TINY)
     save_gpt_checkpoint(random_gpt_state_dict(config), tmp_path / "c2i_tiny.pt", "model", config)
-    (tmp_path / "vq.pt").write_bytes(b"")  # only its presence is checked here
+    write_codebook(tmp_path / "vq.pt", 256)
     written = init_model_dir(tmp_path, "c2i_tiny.pt", "vq.pt", image_size=128, n_head=2, multiple_of=32)
     assert written.dim == 64 and written.n_layer == 2 and written.grid_size == 8 and written.num_classes == 10
     data = json.loads((tmp_path / "config.json").read_text())
@@ -115,6 +144,6 @@ def test_init_model_infers_the_authors_preset(tmp_path):
     shapes = expected_gpt_shapes(config)
     state = {name: torch.zeros(shape) for name, shape in shapes.items()}
     torch.save({"model": state}, tmp_path / "c2i_B_256.pt")
-    (tmp_path / "vq_ds16_c2i.pt").write_bytes(b"")
+    write_codebook(tmp_path / "vq_ds16_c2i.pt", 16384)
     written = init_model_dir(tmp_path, "c2i_B_256.pt", "vq_ds16_c2i.pt", image_size=256)
     assert written.gpt_model == "GPT-B" and written.grid_size == 16 and written.num_classes == 1000

@@ -105,3 +105,40 @@ def test_imagenet_and_digit_names():
     assert ClassNames.for_config(Config()).label("Seven") == 7
     Config.class_names = [f"c{i}" for i in range(10)]
     assert ClassNames.for_config(Config()).label("c3") == 3
+
+
+def test_model_limits_bound_window_interval_top_k_and_prompt():
+    from vllm_zipar.serving.images_protocol import RequestLimits
+
+    limits = RequestLimits(max_window=64, max_cfg_interval=64, max_top_k=256, max_prompt_chars=30)
+    for field, value in [("zipar_window", 65), ("cfg_interval", 65), ("top_k", 257), ("prompt", "p" * 31)]:
+        with pytest.raises(ImageAPIError) as info:
+            parse_request(json.dumps({"prompt": "1", field: value}).encode(), SIZE, limits)
+        assert info.value.param == field
+    assert parse_request(b'{"prompt": "1", "zipar_window": 64}', SIZE, limits).zipar_window == 64
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", 2.01),
+        ("cfg_scale", 50.5),
+        ("cfg_scale", 1e308),
+        ("seed", 2**53),
+        ("zipar_window", 2**64),
+    ],
+)
+def test_values_vllm_would_refuse_or_overflow_are_ours_to_refuse(field, value):
+    error = error_of({"prompt": "1", field: value})
+    assert (error.param, error.code, error.status) == (field, "invalid_value", 400)
+
+
+def test_messages_quote_a_short_prefix_of_the_value():
+    huge = "z" * 100_000
+    for body in ({"prompt": "1", "n": huge}, {"prompt": "1", "size": huge}, {"prompt": "1", huge: 1}):
+        error = error_of(body)
+        assert len(error.message) < 200 and "(100000 characters)" in error.message
+    assert len(error.param) == 40
+    with pytest.raises(ClassNameError) as info:
+        ClassNames(10, None).label("q" * 100_000)
+    assert len(str(info.value)) < 300

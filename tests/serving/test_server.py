@@ -24,6 +24,7 @@ from PIL import Image
 from tests.reference.decoders import ntp_decode, zipar_decode
 from tests.serving.conftest import GRID, SERVER_ARGS, write_image_model
 from vllm_zipar.serving.launch import ServedModel
+from vllm_zipar.zipar.seeding import image_seed
 
 pytestmark = pytest.mark.serving
 
@@ -87,7 +88,19 @@ def test_a_seeded_request_returns_the_same_bytes_twice(client):
         for _ in range(2)
     )
     assert [d.b64_json for d in first.data] == [d.b64_json for d in second.data]
-    assert first.data[0].b64_json != first.data[1].b64_json  # n images take seeds 9 and 10
+    assert first.data[0].b64_json != first.data[1].b64_json  # image_seed(9, 0) = 9, image_seed(9, 1)
+
+
+def test_neighbouring_seeds_share_no_image(client):
+    """With `seed + i`, seed=0 n=4 and seed=1 n=4 shared three images; derived seeds share none."""
+    images = [
+        {
+            d.b64_json
+            for d in client.images.generate(model=MODEL, prompt="5", n=4, extra_body={"seed": s}).data
+        }
+        for s in (0, 1)
+    ]
+    assert len(images[0]) == len(images[1]) == 4 and not images[0] & images[1]
 
 
 @pytest.mark.parametrize("decoding", [{"zipar_window": 3}, {"decoding": "ntp"}, {}])
@@ -97,7 +110,7 @@ def test_tokens_equal_the_reference_decoder(served, client, decoding):
     result = client.images.generate(model=MODEL, prompt="4", n=2, extra_body=body)
     for index, item in enumerate(result.data):
         tokens = torch.tensor(item.model_extra["tokens"])
-        reference = dict(seed=11 + index, **SAMPLING)
+        reference = dict(seed=image_seed(11, index), **SAMPLING)
         if decoding.get("decoding") == "ntp":
             expected = ntp_decode(oracle, 4, GRID, GRID, **reference)[0]
         else:  # the server's default window is 4

@@ -97,3 +97,26 @@ def test_the_installed_vllm_command_is_ours_and_lists_our_flags():
     assert done.returncode == 0, done.stderr[-2000:]
     help_text = " ".join(done.stdout.split())
     assert "ZipAR vllm-zipar: --decoding {zipar,ntp} [--zipar-window N]" in help_text, done.stdout[-3000:]
+
+
+def test_route_bounds_become_environment_variables(model_dir):
+    env: dict[str, str] = {}
+    argv = serve_argv(
+        [
+            "serve",
+            model_dir,
+            "--decoding",
+            "ntp",
+            "--drain-timeout",
+            "5",
+            "--max-request-bytes=1024",
+            "--request-body-timeout",
+            "2.5",
+        ],
+        env,
+    )
+    assert not any(flag in " ".join(argv) for flag in ("drain", "request-bytes", "body-timeout"))
+    assert env["VLLM_ZIPAR_DRAIN_TIMEOUT"] == "5.0" and env["VLLM_ZIPAR_MAX_REQUEST_BYTES"] == "1024"
+    assert env["VLLM_ZIPAR_REQUEST_BODY_TIMEOUT"] == "2.5"
+    with pytest.raises(CommandError, match="--drain-timeout"):
+        serve_argv(["serve", model_dir, "--decoding", "ntp", "--drain-timeout", "-1"], {})

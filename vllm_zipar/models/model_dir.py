@@ -18,6 +18,7 @@ from vllm_zipar.models.llamagen_checkpoint import (
     save_gpt_checkpoint,
 )
 from vllm_zipar.models.llamagen_config import GPT_PRESETS, LlamaGenConfig
+from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, read_vq_codebook_shape
 
 CONFIG_NAME = "config.json"
 
@@ -62,9 +63,11 @@ def init_model_dir(
     if gpt_model is None and "n_head" not in overrides:
         gpt_model = infer_gpt_model(state)
         if gpt_model is None:
+            dim = state["tok_embeddings.weight"].shape[1]
             raise ValueError(
-                f"{gpt_checkpoint}: its size matches no single preset of {sorted(GPT_PRESETS)}; "
-                "pass gpt_model or the dimensions (dim, n_layer, n_head)"
+                f"{gpt_checkpoint}: its size (width {dim}) matches no single preset of "
+                f"{sorted(GPT_PRESETS)}; pass --gpt-model, or --n-head for a custom GPT (width and "
+                "depth are read from the weights)"
             )
     if gpt_model is None:
         overrides.setdefault("dim", state["tok_embeddings.weight"].shape[1])
@@ -73,6 +76,15 @@ def init_model_dir(
     overrides.setdefault("num_classes", state["cls_embedding.embedding_table.weight"].shape[0] - 1)
     if image_size % downsample:
         raise ValueError(f"image_size {image_size} is not a multiple of downsample {downsample}")
+    vq_path = model_dir / vq_checkpoint
+    if not vq_path.is_file():
+        raise FileNotFoundError(f"VQ checkpoint {vq_path} does not exist")
+    codes, code_dim = read_vq_codebook_shape(vq_path)  # the VQ's shape, unless vq_config says otherwise
+    overrides["vq_config"] = {
+        "codebook_size": codes,
+        "codebook_embed_dim": code_dim,
+        **overrides.get("vq_config", {}),
+    }
     config = LlamaGenConfig(
         gpt_model=gpt_model,
         grid_size=image_size // downsample,
@@ -82,10 +94,26 @@ def init_model_dir(
         **overrides,
     )
     check_gpt_state_dict(state, config, model_dir / gpt_checkpoint)
-    if not (model_dir / vq_checkpoint).is_file():
-        raise FileNotFoundError(f"VQ checkpoint {model_dir / vq_checkpoint} does not exist")
+    check_vq_codebook(vq_path, config)
     save_config(config, model_dir)
     return config
+
+
+def check_vq_codebook(vq_path: Path, config: LlamaGenConfig) -> None:
+    """The VQ's codebook must hold one code per GPT vocabulary entry, of the dimension its config reads
+    (otherwise decoding fails, or draws the wrong codes, only once images are requested)."""
+    codes, code_dim = read_vq_codebook_shape(vq_path)
+    if codes != config.codebook_size:
+        raise ValueError(
+            f"{vq_path}: its codebook has {codes} codes but the GPT ({config.gpt_checkpoint}) has a "
+            f"vocabulary of {config.codebook_size}: they are not a matching pair"
+        )
+    expected = LlamaGenVQConfig(**config.vq_config)
+    if (expected.codebook_size, expected.codebook_embed_dim) != (codes, code_dim):
+        raise ValueError(
+            f"{vq_path}: codebook {codes}x{code_dim}, but vq_config reads "
+            f"{expected.codebook_size}x{expected.codebook_embed_dim}"
+        )
 
 
 def write_random_model_dir(

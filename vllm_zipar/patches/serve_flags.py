@@ -38,6 +38,25 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         help="ZipAR window (int >= 1; default 8): columns of a row decoded before the next row starts. "
         "Implies --decoding zipar.",
     )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="Seconds SIGTERM lets the images in flight finish (default 20); new image requests get 503 "
+        "with Retry-After meanwhile, and whatever is left then fails with a 503 body.",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="Largest body of POST /v1/images/generations (default 65536); larger ones get 413.",
+    )
+    group.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=None,
+        help="Seconds a client may take to send its request body (default 10); then 408.",
+    )
     return group
 
 

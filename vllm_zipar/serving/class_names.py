@@ -13,6 +13,8 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_zipar.serving.images_protocol import quote
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -71,6 +73,12 @@ class ClassNames:
             names = [[name] for name in DIGIT_NAMES]
         return cls(num_classes, names)
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt that may name a class: its longest name (or index) with room for spacing."""
+        longest = max((len(name) for name in self._lookup), default=0)
+        return 2 * max(longest, len(str(self.num_classes))) + 16
+
     def name_of(self, label: int) -> str | None:
         return self.primary[label] if self.primary else None
 
@@ -94,11 +102,11 @@ class ClassNames:
             elif not self._lookup:
                 hint = "; this model has no class names, use a class index"
             raise ClassNameError(
-                f"prompt {prompt!r} is not a class of this model: use a class index "
+                f"prompt {quote(prompt)} is not a class of this model: use a class index "
                 f"0..{self.num_classes - 1} or a class name{hint}"
             )
         if len(labels) > 1:
             raise ClassNameError(
-                f"class name {prompt!r} is ambiguous: classes {sorted(labels)}; use the class index"
+                f"class name {quote(prompt)} is ambiguous: classes {sorted(labels)}; use the class index"
             )
         return next(iter(labels))

@@ -8,7 +8,8 @@ top level of the body, as vLLM-Omni does: `seed`, `cfg_scale`, `cfg_interval`, `
 `temperature`, `top_k`, `top_p`, and the debug field `return_tokens`. Anything else is a 400 naming it.
 
 Every check raises `ImageAPIError`, which carries the HTTP status and OpenAI's error body (`message`, `type`,
-`param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine.
+`param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine, and nothing
+vLLM would refuse reaches vLLM (its errors use another schema). Messages quote a short prefix of a value.
 """
 
 from __future__ import annotations
@@ -18,10 +19,33 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_zipar.zipar.seeding import MAX_REQUEST_SEED
+
 MAX_IMAGES = 10
 MAX_PARTIAL_IMAGES = 3
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED_FIELDS = ("quality", "moderation", "style")
+MAX_TEMPERATURE = 2.0  # vLLM's own bound (SamplingParams), checked here so the error is ours
+MAX_CFG_SCALE = 50.0  # far above useful ones (LlamaGen: 1.5-4); 1e308 overflowed the logits: a blank image
+QUOTE_CHARS = 40
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)`, cut to a short prefix: an error message must not echo a 50 MiB prompt back."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds that come from the served model (defaults: generous, for parsing without a model)."""
+
+    max_window: int = 1 << 16  # a window of the grid's cell count or more is next-token order already
+    max_cfg_interval: int = 1 << 16
+    max_top_k: int = 1 << 16  # the codebook size
+    max_prompt_chars: int = 256  # the longest class name, with room for spacing and case
 
 
 class ImageAPIError(Exception):
@@ -46,6 +70,10 @@ class ImageAPIError(Exception):
     @classmethod
     def server_error(cls, message: str) -> ImageAPIError:
         return cls(message, code="server_error", status=500, type="server_error")
+
+    @classmethod
+    def unavailable(cls, message: str, code: str = "server_shutting_down") -> ImageAPIError:
+        return cls(message, code=code, status=503, type="server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -86,7 +114,7 @@ class ImageGenerationRequest:
 
 def _type_error(param: str, expected: str, value: Any) -> ImageAPIError:
     return ImageAPIError(
-        f"Invalid type for '{param}': expected {expected}, but got {type(value).__name__} {value!r}.",
+        f"Invalid type for '{param}': expected {expected}, but got {type(value).__name__} {quote(value)}.",
         param=param,
         code="invalid_type",
     )
@@ -100,17 +128,28 @@ def _int(body: dict[str, Any], param: str, low: int | None = None, high: int | N
         raise _type_error(param, "an integer", value)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ImageAPIError(f"'{param}' must be {bounds}, got {value}.", param=param)
+        raise ImageAPIError(f"'{param}' must be {bounds}, got {quote(value)}.", param=param)
     return value
 
 
-def _number(body: dict[str, Any], param: str) -> float | None:
+def _number(
+    body: dict[str, Any], param: str, low: float | None = None, high: float | None = None, note: str = ""
+) -> float | None:
     value = body.get(param)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _type_error(param, "a finite number", value)
-    return float(value)
+    try:
+        number = float(value)  # an int beyond float's range raises OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _type_error(param, "a finite number", value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise ImageAPIError(f"'{param}' must be {bounds}{note}, got {quote(value)}.", param=param)
+    return number
 
 
 def _str(body: dict[str, Any], param: str) -> str | None:
@@ -133,17 +172,24 @@ KNOWN_FIELDS = set(ImageGenerationRequest.__dataclass_fields__) | {"size", "resp
 KNOWN_FIELDS |= set(IGNORED_FIELDS)
 
 
-def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
-    """Read and check a request body; `native_size` is the model's "WxH"."""
+def parse_request(
+    raw: bytes, native_size: str, limits: RequestLimits | None = None
+) -> ImageGenerationRequest:
+    """Read and check a request body; `native_size` is the model's "WxH", `limits` its bounds."""
+    limits = limits or RequestLimits()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ImageAPIError(f"The request body is not valid JSON: {err}", code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = quote(str(err), 120)[1:-1] if isinstance(err, ValueError) else "nested too deeply"
+        raise ImageAPIError(f"The request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ImageAPIError("The request body must be a JSON object.", code="invalid_json")
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise ImageAPIError(f"Unknown parameter: '{unknown[0]}'.", param=unknown[0], code="unknown_parameter")
+        name = unknown[0]
+        raise ImageAPIError(
+            f"Unknown parameter: {quote(name)}.", param=name[:QUOTE_CHARS], code="unknown_parameter"
+        )
 
     prompt = _str(body, "prompt")
     if prompt is None:
@@ -152,12 +198,19 @@ def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
         )
     if not prompt.strip():
         raise ImageAPIError("'prompt' must name a class (an index or a class name).", param="prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise ImageAPIError(
+            f"'prompt' {quote(prompt)} is longer than any class name of this model "
+            f"(at most {limits.max_prompt_chars} characters).",
+            param="prompt",
+            code="unknown_class",
+        )
     n = _int(body, "n", 1, MAX_IMAGES)
 
     size = _str(body, "size")
     if size not in (None, "auto", native_size):
         raise ImageAPIError(
-            f"Invalid value for 'size': {size!r}. This model generates {native_size} images only "
+            f"Invalid value for 'size': {quote(size)}. This model generates {native_size} images only "
             f"(use '{native_size}' or 'auto').",
             param="size",
             code="unsupported_value",
@@ -172,14 +225,15 @@ def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
         )
     if response_format not in (None, "b64_json"):
         raise ImageAPIError(
-            f"Invalid value for 'response_format': {response_format!r}; supported: 'b64_json'.",
+            f"Invalid value for 'response_format': {quote(response_format)}; supported: 'b64_json'.",
             param="response_format",
             code="unsupported_value",
         )
     output_format = _str(body, "output_format")
     if output_format not in (None, *OUTPUT_FORMATS):
         raise ImageAPIError(
-            f"Invalid value for 'output_format': {output_format!r}; supported: {', '.join(OUTPUT_FORMATS)}.",
+            f"Invalid value for 'output_format': {quote(output_format)}; "
+            f"supported: {', '.join(OUTPUT_FORMATS)}.",
             param="output_format",
             code="unsupported_value",
         )
@@ -187,7 +241,7 @@ def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
     background = _str(body, "background")
     if background not in (None, "auto", "opaque"):
         raise ImageAPIError(
-            f"Invalid value for 'background': {background!r}; this model draws opaque images.",
+            f"Invalid value for 'background': {quote(background)}; this model draws opaque images.",
             param="background",
             code="unsupported_value",
         )
@@ -202,24 +256,18 @@ def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
     decoding = _str(body, "decoding")
     if decoding not in (None, "zipar", "ntp"):
         raise ImageAPIError(
-            f"Invalid value for 'decoding': {decoding!r}; supported: 'zipar', 'ntp'.",
+            f"Invalid value for 'decoding': {quote(decoding)}; supported: 'zipar', 'ntp'.",
             param="decoding",
             code="unsupported_value",
         )
-    zipar_window = _int(body, "zipar_window", 1)
+    zipar_window = _int(body, "zipar_window", 1, limits.max_window)
     if decoding == "ntp" and zipar_window is not None:
         raise ImageAPIError("'zipar_window' goes with decoding 'zipar', not 'ntp'.", param="zipar_window")
-    cfg_scale = _number(body, "cfg_scale")
-    if cfg_scale is not None and cfg_scale < 1.0:
-        raise ImageAPIError(
-            f"'cfg_scale' must be >= 1 (1 disables guidance), got {cfg_scale}.", param="cfg_scale"
-        )
-    temperature = _number(body, "temperature")
-    if temperature is not None and temperature < 0:
-        raise ImageAPIError(f"'temperature' must be >= 0, got {temperature}.", param="temperature")
+    cfg_scale = _number(body, "cfg_scale", 1.0, MAX_CFG_SCALE, " (1 disables guidance)")
+    temperature = _number(body, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ImageAPIError(f"'top_p' must be in (0, 1], got {top_p}.", param="top_p")
+        raise ImageAPIError(f"'top_p' must be in (0, 1], got {quote(body['top_p'])}.", param="top_p")
 
     return ImageGenerationRequest(
         prompt=prompt,
@@ -230,13 +278,13 @@ def parse_request(raw: bytes, native_size: str) -> ImageGenerationRequest:
         stream=stream,
         partial_images=partial_images or 0,
         user=_str(body, "user"),
-        seed=_int(body, "seed", 0, 2**63 - 1 - MAX_IMAGES),
+        seed=_int(body, "seed", 0, MAX_REQUEST_SEED),
         cfg_scale=cfg_scale,
-        cfg_interval=_int(body, "cfg_interval", -1),
+        cfg_interval=_int(body, "cfg_interval", -1, limits.max_cfg_interval),
         decoding=decoding,
         zipar_window=zipar_window,
         temperature=temperature,
-        top_k=_int(body, "top_k", 0),
+        top_k=_int(body, "top_k", 0, limits.max_top_k),
         top_p=top_p,
         return_tokens=_bool(body, "return_tokens"),
     )

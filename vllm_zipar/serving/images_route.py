@@ -9,6 +9,8 @@ One image is one engine request (`engine_client.generate`, exactly as vLLM's own
 the `n` images of a request run concurrently and their token grids are VQ-decoded in one batch, off the event
 loop. Every field is checked before anything reaches the engine (`images_protocol.parse_request`, then
 `ImageRequests.request_inputs`). A client that disconnects cancels the handler, which aborts its requests.
+Bodies are bounded (`request_body`); SIGTERM drains and engine death fails requests fast (`lifecycle`); every
+response of the route, 405 included, uses OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.images_protocol import (
     ImageAPIError,
     ImageGenerationRequest,
+    RequestLimits,
     param_of_engine_error,
     parse_request,
+    quote,
 )
+from vllm_zipar.serving.lifecycle import RouteLifecycle
+from vllm_zipar.serving.request_body import ClientGone, body_limits, read_body
+from vllm_zipar.zipar.seeding import image_seed
 
 ROUTE = "/v1/images/generations"
 # A child of vLLM's "vllm" logger, so our lines share its handler, format and VLLM_LOGGING_LEVEL.
@@ -98,12 +105,21 @@ class ImageService:
         self.requests = ImageRequests(config, default_decoding, token_budget)
         self.class_names = ClassNames.for_config(config)
         self.native_size = f"{config.image_size}x{config.image_size}"
+        cells = config.grid_size**2
+        self.limits = RequestLimits(
+            max_window=cells,
+            max_cfg_interval=cells,
+            max_top_k=config.codebook_size,
+            max_prompt_chars=self.class_names.max_prompt_chars,
+        )
+        self.max_body_bytes, self.body_timeout = body_limits()
         # One thread: VQ decoding and image encoding leave the event loop.
         self.executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="zipar-pixels", initializer=_single_threaded_torch
         )
         self._vq = None
         self.log = _logger()
+        self.lifecycle = RouteLifecycle(engine_client, self.log)
 
     @classmethod
     def from_engine(cls, engine_client: Any, args: Any) -> ImageService | None:
@@ -195,14 +211,19 @@ class ImageService:
                 req.decoding, req.zipar_window, cfg_scale=req.cfg_scale, cfg_interval=req.cfg_interval
             )
             for index in range(req.n):
-                # n images of one seeded request take seeds seed, seed+1, ...: distinct, reproducible.
-                seed = None if req.seed is None else req.seed + index
+                # Image i's seed derives from (seed, i): distinct from every other request's images.
+                seed = None if req.seed is None else image_seed(req.seed, index)
                 prompt, params = self.requests.request_inputs(label, seed=seed, **kwargs)
                 if not req.stream:  # intermediate outputs are only needed for partial images
                     params.output_kind = RequestOutputKind.FINAL_ONLY
                 jobs.append(ImageJob(index, f"img-{base}-{index}", prompt, params, decoding, seed))
         except ValueError as err:
-            raise ImageAPIError(str(err), param=param_of_engine_error(str(err))) from None
+            raise ImageAPIError(quote(str(err), 300)[1:-1], param=param_of_engine_error(str(err))) from None
+        except Exception as err:  # vLLM's own validation (VLLMValidationError): same schema as ours
+            if type(err).__name__ != "VLLMValidationError":
+                raise
+            param = getattr(err, "parameter", None) or param_of_engine_error(str(err))
+            raise ImageAPIError(quote(str(err), 300)[1:-1], param=param) from None
         return jobs
 
     async def run(
@@ -332,6 +353,13 @@ class ImageService:
                     await asyncio.gather(*pending, return_exceptions=True)
 
         producer = asyncio.create_task(produce())
+        self.lifecycle.track(producer)
+
+        def on_cut_off(task: asyncio.Task) -> None:  # SIGTERM's drain time ran out, or the engine died
+            if self.lifecycle.cut_off(task):
+                queue.put_nowait(("error", self.cut_off_error()))
+
+        producer.add_done_callback(on_cut_off)
         abandoned = False
 
         def abandon() -> None:  # the client left: cancelling the producer aborts the engine requests
@@ -359,9 +387,10 @@ class ImageService:
                 if event[0] == "gone":
                     return
                 if event[0] == "error":
-                    yield _sse(
-                        "error", ImageAPIError.server_error(f"image generation failed: {event[1]}").body()
-                    )
+                    error = event[1]
+                    if not isinstance(error, ImageAPIError):
+                        error = self.failure(error, jobs[0].request_id)
+                    yield _sse("error", error.body())
                     return
                 job = event[1]
                 if event[0] == "partial":
@@ -390,6 +419,22 @@ class ImageService:
             if not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
+
+    def cut_off_error(self) -> ImageAPIError:
+        if self.lifecycle.engine_dead:
+            return ImageAPIError.unavailable("The engine stopped before this image finished.", "engine_dead")
+        return ImageAPIError.unavailable(
+            "The server shut down before this image finished "
+            f"(drain time {self.lifecycle.drain_seconds:g} s)."
+        )
+
+    def failure(self, err: BaseException, request_id: str) -> ImageAPIError:
+        """The error body of a request that failed in the engine; a traceback only for the unexpected."""
+        if self.lifecycle.engine_dead or type(err).__name__ == "EngineDeadError":
+            self.log.info("image request %s: failed, the engine died", request_id)
+            return ImageAPIError.unavailable("The engine stopped before this image finished.", "engine_dead")
+        self.log.exception("image request %s failed", request_id, exc_info=err)
+        return ImageAPIError.server_error(f"image generation failed: {quote(str(err), 200)}")
 
     def _event(self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None) -> dict[str, Any]:
         event: dict[str, Any] = {
@@ -421,8 +466,8 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
-def _error_response(error: ImageAPIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+def _error_response(error: ImageAPIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 async def create_image(request: Request):
@@ -434,17 +479,24 @@ async def create_image(request: Request):
                 "This server's model is not a vllm-zipar image model.", code="model_not_supported", status=404
             )
         )
-    raw = await request.body()
+    refusal = service.lifecycle.refusal()
+    if refusal is not None:
+        return _error_response(refusal, {"Retry-After": str(service.lifecycle.retry_after())})
     try:
-        req = parse_request(raw, service.native_size)
+        raw = await read_body(request, service.max_body_bytes, service.body_timeout)
+        req = parse_request(raw, service.native_size, service.limits)
         jobs = service.jobs(req)
     except ImageAPIError as err:
         return _error_response(err)
+    except ClientGone:
+        service.log.info("image request: client disconnected while sending its body")
+        return None
 
     if req.stream:
         return StreamingResponse(service.stream(req, jobs, request), media_type="text/event-stream")
 
     work = asyncio.create_task(service.generate(req, jobs))
+    service.lifecycle.track(work)
     watcher = asyncio.create_task(_until_disconnected(request))
     done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if work not in done:  # the client left: cancelling the work aborts its engine requests
@@ -453,11 +505,21 @@ async def create_image(request: Request):
         service.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
         return None
     watcher.cancel()
+    if service.lifecycle.cut_off(work):
+        return _error_response(service.cut_off_error())
     try:
         return work.result()
     except Exception as err:
-        service.log.exception("image request %s failed", jobs[0].request_id)
-        return _error_response(ImageAPIError.server_error(f"image generation failed: {err}"))
+        return _error_response(service.failure(err, jobs[0].request_id))
+
+
+async def method_not_allowed(request: Request) -> JSONResponse:
+    error = ImageAPIError(
+        f"Method {request.method} is not allowed on {ROUTE}; use POST.",
+        code="method_not_allowed",
+        status=405,
+    )
+    return _error_response(error, {"Allow": "POST"})
 
 
 class ZipARImagesPlugin:
@@ -473,6 +535,10 @@ class ZipARImagesPlugin:
         async def images_generations(raw_request: Request):
             return await create_image(raw_request)
 
+        router.add_api_route(
+            ROUTE, method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+        )
+
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
@@ -486,6 +552,8 @@ class ZipARImagesPlugin:
             _logger().warning("%s: the model is not a vllm-zipar model directory; route disabled", ROUTE)
             return
         await service.warm_up()
+        service.lifecycle.watch_engine()
+        service.lifecycle.take_signals(state)
         # vLLM unregisters every `vllm:` collector when its own loggers start (before this runs).
         ensure_registered()
         ensure_route_metrics()

@@ -5,7 +5,9 @@ the `vllm` console script. It applies our CLI patches (`vllm_zipar.patches`: the
 the flags in `--help`), takes `--decoding` / `--zipar-window` out of the arguments, adds the engine arguments
 an image model needs unless the user gave them (`image_engine_args`), allow-lists our HTTP route in
 `VLLM_PLUGINS`, and hands everything else to `vllm.entrypoints.cli.main.main` unchanged. Without `--decoding`
-it is exactly vLLM's command.
+it is exactly vLLM's command. The route's bounds (`--drain-timeout`, `--max-request-bytes`,
+`--request-body-timeout`) reach the API server as environment variables. Once vLLM returns, the command exits
+non-zero if the engine died under the route (vLLM itself exits 0 then).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from pathlib import Path
 
 ENDPOINT_PLUGIN_NAME = "vllm_zipar_images"
 DEFAULT_ZIPAR_WINDOW = 8
-OUR_FLAGS = ("--decoding", "--zipar-window")
+# The route's bounds: flag -> (environment variable the API server reads, value type).
+ROUTE_FLAGS = {
+    "--drain-timeout": ("VLLM_ZIPAR_DRAIN_TIMEOUT", float),
+    "--max-request-bytes": ("VLLM_ZIPAR_MAX_REQUEST_BYTES", int),
+    "--request-body-timeout": ("VLLM_ZIPAR_REQUEST_BODY_TIMEOUT", float),
+}
+OUR_FLAGS = ("--decoding", "--zipar-window", *ROUTE_FLAGS)
 
 
 class CommandError(ValueError):
@@ -146,6 +154,16 @@ def serve_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[s
     """`vllm serve ...` arguments with ours replaced by engine arguments (argv[0] is "serve")."""
     environ = os.environ if environ is None else environ
     rest, ours = take_our_flags(argv)
+    for flag, (variable, kind) in ROUTE_FLAGS.items():
+        if flag in ours:
+            value = ours.pop(flag)
+            try:
+                number = kind(value)
+            except ValueError:
+                number = -1
+            if not number > 0:
+                raise CommandError(f"{flag} must be a number > 0, got {value!r}")
+            environ[variable] = str(number)
     if not ours or any(arg == "-h" or arg.startswith("--help") for arg in rest):
         return rest
     decoding = ours.get("--decoding", "zipar")
@@ -174,9 +192,11 @@ def serve_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[s
 
 def main() -> None:
     from vllm_zipar.patches import apply_cli_patches
+    from vllm_zipar.serving import lifecycle, quiet_logs
 
     argv = sys.argv[1:]
     if argv[:1] == ["serve"]:
+        quiet_logs.install()
         try:
             argv = serve_argv(argv)
         except CommandError as err:
@@ -187,6 +207,8 @@ def main() -> None:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
+    if lifecycle.exit_status:
+        sys.exit(lifecycle.exit_status)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,29 @@ def cell_seed(seed: int, position: int) -> int:
     x = (x * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+# Per-image seeds of one request: image 0 keeps the request's seed; image i >= 1 takes a 64-bit seed with the
+# top bit set (so never a request seed), from a bijection of (seed, i) (so never another image's).
+MAX_REQUEST_SEED = (1 << 53) - 1  # JavaScript's largest exact integer: seeds survive any JSON client
+MAX_IMAGE_INDEX = (1 << 10) - 1
+_MASK63 = (1 << 63) - 1
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request seeded with `seed`: distinct across all (seed, index) pairs.
+
+    `seed + index` made `seed=0, n=4` and `seed=1, n=4` share three images; here image i >= 1 of any request
+    differs from every request seed and from every other request's images, by construction."""
+    if not 0 <= seed <= MAX_REQUEST_SEED:
+        raise ValueError(f"seed must be in [0, 2^53 - 1], got {seed}")
+    if not 0 <= index <= MAX_IMAGE_INDEX:
+        raise ValueError(f"image index must be in [0, {MAX_IMAGE_INDEX}], got {index}")
+    if index == 0:
+        return seed
+    x = (seed << 10) | index  # < 2^63; each step below is a bijection of [0, 2^63)
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK63
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & _MASK63
+    x ^= x >> 29
+    return (1 << 63) | x

@@ -573,6 +573,25 @@ def _check_weights_match(
         )
 
 
+def read_vq_codebook_shape(path: str | Path) -> tuple[int, int]:
+    """(codebook size, code dimension) of the authors' VQ checkpoint at ``path``, without building the model
+    (memory-mapped: only the codebook is read)."""
+    path = Path(path)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise LlamaGenCheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint: {error}"
+        ) from error
+    codebook = _select_weights(checkpoint, path).get("quantize.embedding.weight")
+    if codebook is None or codebook.dim() != 2:
+        raise LlamaGenCheckpointError(f"{path}: no 2-D 'quantize.embedding.weight' (the VQ codebook)")
+    return int(codebook.shape[0]), int(codebook.shape[1])
+
+
 def load_llamagen_vq(path: str | Path, config: LlamaGenVQConfig) -> LlamaGenVQModel:
     """Build a model for ``config`` and load the authors' checkpoint at ``path``.
 
