@@ -3,9 +3,10 @@
 One server on the shipped digits model for the module. The page streams partial images from the images API
 and paints them: at least three distinct partial frames before the final one, with pass counts rising to the
 engine's; the final canvas holds exactly the API's pixels for the same seed and settings; race mode runs NTP
-and ZipAR side by side; a bad prompt shows the server's error message. Screenshots land in pytest's tmp dir
-(paths printed). Playwright's own browser download is not reachable here: scripts/install.sh installs
-Debian's `chromium`, launched through `executable_path`.
+and ZipAR side by side; a bad prompt shows the server's error message. Screenshots are test artifacts in
+out/playground/ (paths printed; docs/images/playground.png is the race one). Playwright's own browser
+download is not reachable here: scripts/install.sh installs Debian's `chromium`, launched through
+`executable_path`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from vllm_zipar.zipar.plan import zipar_steps
 pytestmark = [pytest.mark.serving, pytest.mark.timeout(600)]
 
 CHROMIUM = Path("/usr/bin/chromium")
-DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits"
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = REPO / "models" / "digits"
+ARTIFACTS = REPO / "out" / "playground"
 MODEL = "digits"
 GRID = 16
 WAIT_MS = 180_000  # for one generation on a busy 2-core machine; nothing else waits on wall-clock time
@@ -124,7 +127,14 @@ def check_streamed(run: dict, passes: int) -> None:
     assert cells_per_pass == pytest.approx(GRID * GRID / passes, abs=0.01)
 
 
-def test_page_streams_partial_frames_and_ends_on_the_apis_image(page, server, tmp_path):
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=path, full_page=True)
+    print(f"playground screenshot: {path}")
+
+
+def test_page_streams_partial_frames_and_ends_on_the_apis_image(page, server):
     fill(page, prompt="seven", seed=3, window=4)
     (run,) = generate(page)
     assert run["error"] is None and run["title"] == "ZipAR-4"
@@ -135,12 +145,10 @@ def test_page_streams_partial_frames_and_ends_on_the_apis_image(page, server, tm
     shown = canvas_rgb(page, 0)
     assert shown.shape == expected.shape == (32, 32, 3)
     assert np.array_equal(shown, expected), f"{(shown != expected).any(-1).sum()} pixels differ"
-    path = tmp_path / "playground_single.png"
-    page.screenshot(path=path, full_page=True)
-    print(f"playground screenshot: {path}")
+    screenshot(page, "single.png")
 
 
-def test_race_mode_runs_ntp_and_zipar_side_by_side_on_one_seed(page, server, tmp_path):
+def test_race_mode_runs_ntp_and_zipar_side_by_side_on_one_seed(page, server):
     fill(page, prompt="3", seed=5, window=4, race=True)
     ntp, zipar = generate(page)
     assert (ntp["title"], zipar["title"]) == ("NTP", "ZipAR-4")
@@ -152,9 +160,7 @@ def test_race_mode_runs_ntp_and_zipar_side_by_side_on_one_seed(page, server, tmp
     assert np.array_equal(canvas_rgb(page, 0), api_rgb(server, {**body, "decoding": "ntp"}))
     zipar_body = {**body, "decoding": "zipar", "zipar_window": 4}
     assert np.array_equal(canvas_rgb(page, 1), api_rgb(server, zipar_body))
-    path = tmp_path / "playground_race.png"
-    page.screenshot(path=path, full_page=True)
-    print(f"playground race screenshot: {path}")
+    screenshot(page, "race.png")
 
 
 def test_a_bad_prompt_shows_the_servers_error_message(page, server):
