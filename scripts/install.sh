@@ -27,6 +27,21 @@ EOF
   chmod +x "$VENV/bin/vllm"
 }
 
+# The playground test drives Debian's Chromium headless (tests/serving/test_playground.py); Playwright's own
+# browser download is not reachable here. Needs root (as in CI); a plain `[ -x ]` when it is already there.
+install_chromium() {
+  [ -x /usr/bin/chromium ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "[install] WARNING: /usr/bin/chromium missing and not root: apt-get install chromium (browser test)"
+    return 0
+  fi
+  echo "[install] installing Debian's chromium (headless browser for the playground test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null
+}
+install_chromium
+
 if [ -f "$STAMP" ] && cmp -s "$STAMP" pyproject.toml; then
   write_vllm_shim
   exit 0

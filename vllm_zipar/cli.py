@@ -1,4 +1,4 @@
-"""`vllm-zipar` command line: prepare model directories and run the offline demo."""
+"""`vllm-zipar` command line: prepare model directories, run the offline demo, animate NTP vs ZipAR."""
 
 from __future__ import annotations
 
@@ -72,6 +72,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_animate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm_zipar.serving.animation import animate
+
+    passes = animate(Path(args.model), Path(args.out), prompt=args.prompt, window=args.window, seed=args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{name} {count} passes" for name, count in passes.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-zipar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve", action="store_true", help="start `vllm serve` and ask its /v1/images/generations route"
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("animate", help="animated WebP/GIF of NTP beside ZipAR decoding one image, per pass")
+    p.add_argument("--model", default="models/digits", help="model directory")
+    p.add_argument("--out", default="out/ntp_vs_zipar.webp", help=".webp or .gif")
+    p.add_argument("--prompt", default="seven", help="class name or index")
+    p.add_argument("--window", type=int, default=4, help="ZipAR window")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_animate)
     return parser
 
 

@@ -5,7 +5,8 @@ OpenAI fields: `model`, `prompt` (here: a class index or class name), `n` (1-10)
 `output_compression` (0-100, jpeg/webp), `stream`, `partial_images` (0-3), `user`; `quality`, `background`
 ("transparent" is refused), `moderation` and `style` are accepted and ignored. Extension fields sit at the
 top level of the body, as vLLM-Omni does: `seed`, `cfg_scale`, `cfg_interval`, `decoding`, `zipar_window`,
-`temperature`, `top_k`, `top_p`, and the debug field `return_tokens`. Anything else is a 400 naming it.
+`temperature`, `top_k`, `top_p`, `partial_frames` (like `partial_images`, up to 256: the playground's frames),
+and the debug field `return_tokens`. Anything else is a 400 naming it.
 
 Every check raises `ImageAPIError`, which carries the HTTP status and OpenAI's error body (`message`, `type`,
 `param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine, and nothing
@@ -23,6 +24,7 @@ from vllm_zipar.zipar.seeding import MAX_REQUEST_SEED
 
 MAX_IMAGES = 10
 MAX_PARTIAL_IMAGES = 3
+MAX_PARTIAL_FRAMES = 256  # extension `partial_frames`: OpenAI's 3 partial images are too few to watch
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED_FIELDS = ("quality", "moderation", "style")
 MAX_TEMPERATURE = 2.0  # vLLM's own bound (SamplingParams), checked here so the error is ours
@@ -169,7 +171,7 @@ def _bool(body: dict[str, Any], param: str) -> bool:
 
 
 KNOWN_FIELDS = set(ImageGenerationRequest.__dataclass_fields__) | {"size", "response_format", "background"}
-KNOWN_FIELDS |= set(IGNORED_FIELDS)
+KNOWN_FIELDS |= set(IGNORED_FIELDS) | {"partial_frames"}
 
 
 def parse_request(
@@ -252,6 +254,11 @@ def parse_request(
     partial_images = _int(body, "partial_images", 0, MAX_PARTIAL_IMAGES)
     if partial_images and not stream:
         raise ImageAPIError("'partial_images' needs 'stream': true.", param="partial_images")
+    partial_frames = _int(body, "partial_frames", 0, MAX_PARTIAL_FRAMES)
+    if partial_frames and not stream:
+        raise ImageAPIError("'partial_frames' needs 'stream': true.", param="partial_frames")
+    if partial_frames and partial_images:
+        raise ImageAPIError("Give 'partial_images' or 'partial_frames', not both.", param="partial_frames")
 
     decoding = _str(body, "decoding")
     if decoding not in (None, "zipar", "ntp"):
@@ -276,7 +283,7 @@ def parse_request(
         output_format=output_format or "png",
         output_compression=output_compression,
         stream=stream,
-        partial_images=partial_images or 0,
+        partial_images=partial_images or partial_frames or 0,
         user=_str(body, "user"),
         seed=_int(body, "seed", 0, MAX_REQUEST_SEED),
         cfg_scale=cfg_scale,

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from vllm_zipar.engine.request_config import ImageDecoding, engine_default, output_cells
 from vllm_zipar.serving.class_names import ClassNameError, ClassNames
+from vllm_zipar.serving.decode_order import passes_for, sampled_at
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.images_protocol import (
     ImageAPIError,
@@ -43,6 +44,7 @@ from vllm_zipar.serving.images_protocol import (
     quote,
 )
 from vllm_zipar.serving.lifecycle import RouteLifecycle
+from vllm_zipar.serving.playground import attach_playground, playground_address
 from vllm_zipar.serving.request_body import ClientGone, body_limits, read_body
 from vllm_zipar.zipar.seeding import image_seed
 
@@ -396,16 +398,18 @@ class ImageService:
                 if event[0] == "partial":
                     _, _, index, grid, missing = event
                     (b64,) = await self.render(grid[None], req, masks=missing[None])
-                    yield _sse("image_generation.partial_image", self._event(req, job, b64, index=index))
+                    payload = self._event(req, job, b64, index=index, progress=self.progress(job, missing))
+                    yield _sse("image_generation.partial_image", payload)
                     continue
                 image = event[2]
                 while sent[job.index] < req.partial_images:  # the promised count, even if decoding outran us
                     (b64,) = await self.render(image.grid[None], req)
-                    payload = self._event(req, job, b64, index=sent[job.index])
+                    payload = self._event(req, job, b64, index=sent[job.index], progress=self.progress(job))
                     yield _sse("image_generation.partial_image", payload)
                     sent[job.index] += 1
                 (b64,) = await self.render(image.grid[None], req)
-                payload = self._event(req, job, b64, usage=usage)
+                progress = self.progress(job, stats=image.stats)
+                payload = self._event(req, job, b64, usage=usage, progress=progress)
                 if req.return_tokens:
                     payload["tokens"] = image.grid.tolist()
                 yield _sse("image_generation.completed", payload)
@@ -436,7 +440,20 @@ class ImageService:
         self.log.exception("image request %s failed", request_id, exc_info=err)
         return ImageAPIError.server_error(f"image generation failed: {quote(str(err), 200)}")
 
-    def _event(self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None) -> dict[str, Any]:
+    def progress(self, job: ImageJob, missing=None, stats=None) -> dict[str, Any]:
+        """Extension field `zipar` of stream events: engine passes and cells decoded so far (docs/serving.md).
+        A partial image's passes are those its decoded cells needed (the plan's order); the completed image's
+        are the engine's count."""
+        layout = self.requests.layout(job.decoding)
+        order = sampled_at(layout, job.decoding.window, job.decoding.uncond_prompt_len)
+        decoded = None if missing is None else (~missing).flatten().tolist()
+        passes = stats["passes"] if stats is not None else passes_for(order, decoded)
+        cells = len(order) if decoded is None else sum(decoded)
+        return {"passes": passes, "cells_decoded": cells, "cells": len(order)}
+
+    def _event(
+        self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None, progress=None
+    ) -> dict[str, Any]:
         event: dict[str, Any] = {
             "type": "image_generation.partial_image" if usage is None else "image_generation.completed",
             "b64_json": b64,
@@ -451,6 +468,8 @@ class ImageService:
             event["partial_image_index"] = index
         else:
             event["usage"] = usage
+        if progress is not None:
+            event["zipar"] = progress
         return event
 
 
@@ -540,6 +559,7 @@ class ZipARImagesPlugin:
         )
 
         app.include_router(router)
+        attach_playground(app)  # GET /playground: the browser page (serving/playground.py)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         from vllm_zipar.serving.metrics import ensure_registered
@@ -565,6 +585,7 @@ class ZipARImagesPlugin:
             service.native_size,
             service.requests.default_decoding,
         )
+        _logger().info("playground: open %s", playground_address(args))
 
 
 def plugin() -> ZipARImagesPlugin:
