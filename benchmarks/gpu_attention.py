@@ -24,7 +24,9 @@ benchmarks/results/gpu_attention_<device>.json/.png (`--quick`: gpu_attention_qu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import random
 import re
 import sys
@@ -34,16 +36,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import counters, guard_failures
 from torch.nn.attention.flex_attention import flex_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from common import machine, save_figure, write_json  # noqa: E402
-from paged_flex import (  # noqa: E402  # noqa: E402
+from paged_flex import (  # noqa: E402
     BLOCK,
+    RECOMPILE_LIMIT,
     PagedCache,
     PagedStep,
     PersistentTensors,
@@ -236,6 +240,16 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def recompile_reasons() -> list[str]:
+    """The first failed guard of each recompilation since the last dynamo reset."""
+    reasons = []
+    for failures in guard_failures.values():
+        for reason in failures:
+            lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+            reasons.append(lines[0][:160] if lines else "")
+    return reasons
+
+
 class ShapeBench:
     """One model shape's fixed paged cache and ZipAR buffers (sized once, as an engine sizes them)."""
 
@@ -321,11 +335,20 @@ class ShapeBench:
         def sdpa():
             return F.scaled_dot_product_attention(sdpa_query, keys, values, scale=self.scale, enable_gqa=gqa)
 
+        if gqa:  # GQA may keep SDPA off its fastest kernel: also time KV expanded beforehand, keep the faster
+            groups = self.shape.heads // self.shape.kv_heads
+            wide_keys, wide_values = (t.repeat_interleave(groups, dim=1) for t in (keys, values))
+
+            def sdpa_expanded():
+                return F.scaled_dot_product_attention(sdpa_query, wide_keys, wide_values, scale=self.scale)
+
         sdpa_out = sdpa()[:, :, 0, :]
         ref = F.scaled_dot_product_attention(
             sdpa_query.float(), keys.float(), values.float(), scale=self.scale, enable_gqa=gqa
         )[:, :, 0, :]
         sdpa_delta = (sdpa_out.float() - ref).abs().max().item()
+        if gqa:
+            sdpa_delta = max(sdpa_delta, (sdpa_expanded()[:, :, 0, :].float() - ref).abs().max().item())
         flex_causal_delta = (flex_causal_out.float() - ref).abs().max().item()
         tolerance = TOLERANCE[self.dtype]
         worst = max(zipar_delta, sdpa_delta, flex_causal_delta)
@@ -349,10 +372,12 @@ class ShapeBench:
                 lambda: self.flex(causal_query, self.cache, causal_block_mask, self.scale)
             ),
             "sdpa_decode": self.timer(sdpa),
+            **({"sdpa_decode_expanded_kv": self.timer(sdpa_expanded)} if gqa else {}),
             "zipar_block_mask": self.timer(lambda: step.block_mask(mask_mod)),
             "causal_block_mask": self.timer(lambda: causal_step.block_mask(causal_step.mask_mod(causal))),
             "zipar_step_setup": self.timer(zipar_build),
         }
+        baseline = min(ms["sdpa_decode"], ms.get("sdpa_decode_expanded_kv", float("inf")))
         layers = self.shape.layers
         return {
             "shape": self.shape.name,
@@ -365,12 +390,12 @@ class ShapeBench:
             "causal_sequences": seqs,
             "causal_kv_per_sequence": length,
             "ms": ms,
-            "ratio_vs_sdpa": ms["zipar_flex"] / ms["sdpa_decode"],
+            "sdpa_baseline_ms": baseline,
+            "ratio_vs_sdpa": ms["zipar_flex"] / baseline,
             "ratio_vs_flex_causal": ms["zipar_flex"] / ms["causal_flex"],
             # A model step: attention in every layer plus the per-step set-up that causal decode does not
             # need (buffers, block mask; shared by the layers; vLLM builds a causal block mask too).
-            "step_ratio_vs_sdpa": (layers * ms["zipar_flex"] + ms["zipar_step_setup"])
-            / (layers * ms["sdpa_decode"]),
+            "step_ratio_vs_sdpa": (layers * ms["zipar_flex"] + ms["zipar_step_setup"]) / (layers * baseline),
             "max_abs_delta": {
                 "zipar_flex": zipar_delta,
                 "causal_flex": flex_causal_delta,
@@ -432,11 +457,12 @@ class ShapeBench:
             "steps": steps,
             "flex_mode": self.flex.mode,
             "compilations": compiled,
-            "recompile_limit": torch._dynamo.config.recompile_limit,
-            "limit_reached": compiled >= torch._dynamo.config.recompile_limit,
+            "recompile_limit": RECOMPILE_LIMIT,
+            "limit_reached": compiled >= RECOMPILE_LIMIT,
             "batch_sizes": batch_sizes,
             "query_tokens": token_counts,
             "seconds": time.perf_counter() - t0,
+            "recompile_reasons": recompile_reasons(),
         }
 
 
@@ -484,12 +510,18 @@ def plot(name: str, title: str, rows: list[dict], shapes: list[Shape]) -> Path:
     return save_figure(fig, name)
 
 
+TABLE_HEADER = (
+    "shape        img cfg   ctx  q/img |  ZipAR ms  flexc ms   SDPA ms  mask ms | "
+    "Z/SDPA Z/flex  step | max|d|  mask effect"
+)
+
+
 def print_row(row: dict) -> None:
     ms = row["ms"]
     print(
         f"{row['shape']:12s} {row['images']:3d} {'CFG' if row['cfg'] else '   '} {row['context']:5d} "
         f"{row['queries_per_image']:5.2f} | {ms['zipar_flex']:8.3f} {ms['causal_flex']:8.3f} "
-        f"{ms['sdpa_decode']:8.3f} {ms['zipar_block_mask']:8.3f} | {row['ratio_vs_sdpa']:6.2f} "
+        f"{row['sdpa_baseline_ms']:8.3f} {ms['zipar_block_mask']:8.3f} | {row['ratio_vs_sdpa']:6.2f} "
         f"{row['ratio_vs_flex_causal']:6.2f} {row['step_ratio_vs_sdpa']:6.2f} | "
         f"{row['max_abs_delta']['zipar_flex']:.1e} {row['zipar_mask_effect']:.1e}",
         flush=True,
@@ -501,6 +533,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes and contexts: seconds on a CPU")
+    parser.add_argument("--plot", type=Path, help="only (re)draw the PNG of a results JSON, beside it")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining cases past this")
     parser.add_argument("--compile-steps", type=int, help="steps of the compilation count (50; --quick 12)")
     names = ",".join(s.name for s in FULL_SHAPES)
@@ -519,6 +552,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        common.RESULTS = args.plot.resolve().parent
+        plot_results(args.plot.stem, json.loads(args.plot.read_text()))
+        return 0
     started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -556,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "flex_mode": mode,
         "window": WINDOW,
         "quick": args.quick,
+        "shapes": [dataclasses.asdict(s) for s in shapes],
         "machine": machine(),
         "baseline": "one batched SDPA call, dense KV gathered beforehand, equal lengths, no mask",
         "rows": [],
@@ -563,60 +601,77 @@ def main(argv: list[str] | None = None) -> int:
         "compile_runs": [],
         "compilations_in_sweep": {},
     }
-    print(
-        "shape        img cfg   ctx  q/img |  ZipAR ms  flexc ms   SDPA ms  mask ms | "
-        "Z/SDPA Z/flex  step | max|d|  mask effect"
-    )
-    for index, shape in enumerate(shapes):
-        torch._dynamo.reset()  # a fresh engine per shape: the recompile limit counts per compiled function
-        flex = FlexCall(device, mode)
-        before = graphs()
-        bench = ShapeBench(
-            shape,
-            plans[shape.family],
-            max(*batches, compile_images),
-            max_tokens,
-            dtype,
-            device,
-            flex,
-            timer,
-            index,
-        )
-        for guided, context, images in itertools.product((False, True), contexts, batches):
-            case = {"shape": shape.name, "images": images, "cfg": guided, "context": context}
-            if time.monotonic() - started > args.budget_s:
-                result["skipped"].append(case)
-                continue
-            case_start = time.monotonic()
-            row = bench.run_case(images, guided, context)
-            row["flex_mode"] = flex.mode
-            row["case_seconds"] = time.monotonic() - case_start
-            result["rows"].append(row)
-            print_row(row)
-            write_json(name, result)  # partial results survive a time-out
-        result["compilations_in_sweep"][shape.name] = graphs() - before
-        if index == 0 and time.monotonic() - started < args.budget_s:
-            run = bench.compile_run(compile_steps, compile_images, compile_contexts, seed=0)
-            result["compile_runs"].append(run)
-            print(
-                f"[bench] {shape.name}: {run['steps']} ZipAR steps of 1..{compile_images} images, "
-                f"{min(run['query_tokens'])}..{max(run['query_tokens'])} query tokens: "
-                f"{run['compilations']} compilations "
-                f"(limit {run['recompile_limit']}, flex {run['flex_mode']}) in {run['seconds']:.0f} s"
+    print(TABLE_HEADER)
+    try:  # a time-out (SIGINT from gpu_check.sh) still gets the summary and the final JSON
+        for index, shape in enumerate(shapes):
+            torch._dynamo.reset()  # a fresh engine per shape: the recompile limit is per compiled function
+            flex = FlexCall(device, mode)
+            before = graphs()
+            bench = ShapeBench(
+                shape,
+                plans[shape.family],
+                max(*batches, compile_images),
+                max_tokens,
+                dtype,
+                device,
+                flex,
+                timer,
+                index,
             )
-        del bench
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            for guided, context, images in itertools.product((False, True), contexts, batches):
+                case = {"shape": shape.name, "images": images, "cfg": guided, "context": context}
+                if time.monotonic() - started > args.budget_s:
+                    result["skipped"].append(case)
+                    continue
+                case_start = time.monotonic()
+                row = bench.run_case(images, guided, context)
+                row["flex_mode"] = flex.mode
+                row["case_seconds"] = time.monotonic() - case_start
+                result["rows"].append(row)
+                print_row(row)
+                write_json(name, result)  # partial results survive a time-out
+            result["compilations_in_sweep"][shape.name] = graphs() - before
+            result.setdefault("recompile_reasons_in_sweep", {})[shape.name] = recompile_reasons()
+            if index == 0 and time.monotonic() - started < args.budget_s:
+                run = bench.compile_run(compile_steps, compile_images, compile_contexts, seed=0)
+                result["compile_runs"].append(run)
+                print(
+                    f"[bench] {shape.name}: {run['steps']} ZipAR steps of 1..{compile_images} images, "
+                    f"{min(run['query_tokens'])}..{max(run['query_tokens'])} query tokens: "
+                    f"{run['compilations']} compilations "
+                    f"(limit {run['recompile_limit']}, flex {run['flex_mode']}) in {run['seconds']:.0f} s"
+                )
+            del bench
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        print("[bench] interrupted: keeping the cases measured so far")
     summarise(result, args.budget_s)
     result["seconds"] = time.monotonic() - started
     path = write_json(name, result)
-    title = f"ZipAR-{WINDOW} step attention / causal decode ({device_name}, {dtype})"
-    png = plot(name, title, result["rows"], shapes)
-    print(f"[bench] wrote {path} and {png} in {result['seconds']:.0f} s")
+    print(f"[bench] wrote {path} in {result['seconds']:.0f} s")
+    plot_results(name, result)
     return 0
 
 
+def plot_results(name: str, result: dict) -> None:
+    """The PNG beside the JSON; skipped with a note where matplotlib is missing (re-plot with --plot)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("[bench] note: no matplotlib here; plot later with --plot <the JSON>")
+        return
+    shapes = [Shape(**fields) for fields in result["shapes"]]
+    title = f"ZipAR-{WINDOW} step attention / causal decode ({result['device']}, {result['dtype']})"
+    print(f"[bench] wrote {plot(name, title, result['rows'], shapes)}")
+
+
 def summarise(result: dict, budget_s: float) -> None:
+    print(f"[bench] summary ({result['device']}, {result['dtype']}, flex {result['flex_mode']}):")
+    print(TABLE_HEADER)
+    for row in result["rows"]:
+        print_row(row)
     for images in (16, 64):
         ratios = [r["ratio_vs_sdpa"] for r in result["rows"] if r["images"] == images]
         if ratios:

@@ -22,7 +22,8 @@ BLOCK = 16  # vLLM's cache block size here, and flex's q/kv block sizes on the d
 KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
 
 # vLLM sets this limit at import of its FlexAttention backend; past it dynamo stops compiling the call.
-torch._dynamo.config.recompile_limit = 16
+RECOMPILE_LIMIT = 16
+torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
 flex_compiled = torch.compile(flex_attention, fullgraph=True)
 
 LogicalMask = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (request, q, kv) -> bool
