@@ -7,7 +7,9 @@ table (`physical_to_logical_mapping`, block 0 reserved as vLLM's null block); th
 physical query/KV indices into per-request logical ones (`_convert_physical_to_logical`,
 `get_paged_mask_mod`); the direct block-mask build (`_build_block_mask_direct`: each 16-query group gets the
 deduplicated pages of every request it holds, causal pruning, `BlockMask.from_kv_blocks`); persistent
-full-capacity tensors that the mask closes over; and the compiled call with vLLM's kernel options.
+full-capacity tensors that the mask closes over; and the compiled call with vLLM's kernel options. One
+difference: the logical mask here also receives the query's request (batch row), which the ZipAR rule needs
+and vLLM's `logical_mask_mod(b, h, q_idx, kv_idx)` does not pass.
 """
 
 from __future__ import annotations
