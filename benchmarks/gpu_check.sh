@@ -7,11 +7,12 @@
 # Time: the sweep is 3 shapes x 3 batches x 3 contexts x (plain, CFG) = 54 cases. The largest case reads
 # 64 images x 2 streams x 8,200 tokens of KV (Emu3: 8 heads x 128 x K,V x bf16 = 4 KiB/token, 4.3 GB; XL
 # 5.4 GB) per call: ~1-2 ms at H200 bandwidth; flex's 16-query groups make it compute more, not read more.
-# A case times ~45 such calls plus mask builds and checks two float32 references: under ~2 s, so the cases
-# take 1-2 min. Compilation dominates: ~6 flex graphs per shape (counted by dynamo on CPU with --quick) +
-# ~3 in the 50-step run, ~20 in all, at an unmeasured ~5-15 s each on this GPU: 2-5 min. Estimated total
-# 3-7 min; --budget-s stops starting new cases (LlamaGen-XL runs last), `timeout` is the hard cap, and the
-# JSON is rewritten after every case, so a cut run keeps what it measured.
+# A case makes ~270 attention calls (4 timers x 38, 3 CUDA-graph timings x 41, each call <= a few ms),
+# times 3 mask builds and checks float32 references: under ~2 s, so the 54 cases take 1-2 min. Compilation
+# dominates: ~6 flex graphs per shape (dynamo's count on CPU with --quick) + ~4 in the 50-step run (dynamo
+# on CPU), ~22 in all, at an unmeasured ~5-15 s each on this GPU: 2-5 min. Estimated total 3-7 min;
+# --budget-s (330 s) stops starting new cases (LlamaGen-XL runs last), `timeout` (480 s) is the hard cap,
+# and the JSON is rewritten after every case, so a cut run keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
