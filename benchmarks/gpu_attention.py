@@ -289,11 +289,12 @@ class ShapeBench:
         self.flex, self.timer = flex, timer
         self.graphed = GraphedTimer(timer, enabled=False)
         self.generator = torch.Generator().manual_seed(seed)
-        pages = max_images * 2 * (cdiv(max_tokens + 2 * BLOCK, BLOCK))
+        self.width = cdiv(max_tokens + 2 * BLOCK, BLOCK)  # pages a request may hold (both streams)
+        # Room for the largest step (a ZipAR and a causal step draw their pages independently), 5% spare.
+        pages = max_images * self.width
         self.num_blocks = pages + pages // 20 + 1
         torch.manual_seed(seed)
         self.cache = PagedCache.random(self.num_blocks, shape.kv_heads, shape.head_dim, dtype, device)
-        self.width = cdiv(max_tokens + 2 * BLOCK, BLOCK)
         max_seqs = 2 * max_images
         # One set per kind of step: each is timed repeatedly while the other's step also exists.
         self.zipar_persistent, self.causal_persistent = (
