@@ -3,7 +3,8 @@
 Times `sample_cells` (one batch of tensor ops, counter-based noise) against the sampler at commit a71361e
 (a Python loop over cells, each drawing its noise from its own CPU `torch.Generator`), on the same logits:
 64 cells of the LlamaGen codebook (16,384 codes) with temperature only, top-k 2000, top-p 0.9, and a mix of
-those with greedy rows. It also times the noise alone, and checks that the noise on `--device` equals the
+those with greedy rows (CPU time of one thread on the CPU, synchronised wall time on a GPU; medians, the
+two samplers alternating). It also times the noise alone, and checks that the noise on `--device` equals the
 host's bit for bit (all 2^24 uniforms through the log, a few full cells) and numpy's independent log.
 Pure PyTorch (no vLLM import), so it runs on a GPU machine without vLLM:
 
@@ -74,18 +75,41 @@ def per_cell_noise(cells: int, vocab: int, device: torch.device) -> torch.Tensor
     return torch.stack(rows)
 
 
-def timed(fn, device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up
-    samples = []
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_pair(before, after, device: torch.device, repeats: int) -> tuple[list[float], list[float]]:
+    """Milliseconds per call of each, the two calls alternating so that load on the machine hits both.
+
+    On the CPU the clock is this process's CPU time (one thread): on a shared machine wall time mostly
+    measures the other users. On a GPU it is wall time between synchronisations.
+    """
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    before(), after()  # warm-up
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
+        for fn, out in zip((before, after), samples, strict=True):
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            out.append((clock() - start) * 1e3)
     return samples
+
+
+def summary(before: list[float], after: list[float]) -> dict[str, object]:
+    row: dict[str, object] = {
+        "before_ms": statistics.median(before),
+        "after_ms": statistics.median(after),
+        "before_min_ms": min(before),
+        "after_min_ms": min(after),
+        "before_samples_ms": before,
+        "after_samples_ms": after,
+    }
+    row["before_over_after"] = row["before_ms"] / row["after_ms"]
+    return row
 
 
 def noise_checks(device: torch.device, vocab: int, domain_bits: int) -> dict[str, int]:
@@ -118,10 +142,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 cells, 3 repeats, 2^16 uniforms checked")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     cells, repeats = (8, 3) if args.quick else (args.cells, args.repeats)
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(cells, args.vocab, generator=gen) * 3).to(device)
     rows = []
+    calls = {}
     for name, kinds in SCENARIOS.items():
         params = [kinds[i % len(kinds)] for i in range(cells)]
         call = (
@@ -132,16 +159,11 @@ def main() -> None:
             [1000 + i // 4 for i in range(cells)],  # 4 cells per image, like a ZipAR step at window 4
             [300 + i for i in range(cells)],
         )
-        before = timed(lambda call=call: per_cell_loop(*call), device, repeats)
-        after = timed(lambda call=call: sample_cells(*call), device, repeats)
-        row = {
-            "scenario": name,
-            "before_ms": statistics.median(before),
-            "after_ms": statistics.median(after),
-            "before_samples_ms": before,
-            "after_samples_ms": after,
-        }
-        row["before_over_after"] = row["before_ms"] / row["after_ms"]
+        calls[name] = call
+        before, after = timed_pair(
+            lambda call=call: per_cell_loop(*call), lambda call=call: sample_cells(*call), device, repeats
+        )
+        row = {"scenario": name, **summary(before, after)}
         rows.append(row)
         print(
             f"[sampling] {name:>16}: per-cell loop {row['before_ms']:8.2f} ms, "
@@ -149,21 +171,24 @@ def main() -> None:
             f"({cells} cells, vocab {args.vocab})"
         )
     keys = (torch.full((cells,), 7), torch.arange(cells))
-    noise_before = timed(lambda: per_cell_noise(cells, args.vocab, device), device, repeats)
-    noise_after = timed(
-        lambda: exponential_noise(keys[0].to(device), keys[1].to(device), args.vocab), device, repeats
+    noise = summary(
+        *timed_pair(
+            lambda: per_cell_noise(cells, args.vocab, device),
+            lambda: exponential_noise(keys[0].to(device), keys[1].to(device), args.vocab),
+            device,
+            repeats,
+        )
     )
-    noise = {
-        "before_ms": statistics.median(noise_before),
-        "after_ms": statistics.median(noise_after),
-        "before_samples_ms": noise_before,
-        "after_samples_ms": noise_after,
-    }
     print(
         f"[sampling] noise alone: per-cell generators {noise['before_ms']:.2f} ms, "
         f"counter-based {noise['after_ms']:.2f} ms"
     )
     checks = noise_checks(device, args.vocab, 16 if args.quick else UNIFORM_BITS)
+    # Tokens can differ across devices only where the logits pipeline does (softmax, cumsum), not the noise.
+    mixed = calls["mixed + greedy"]
+    checks["mixed_tokens_equal_to_host"] = sum(
+        a == b for a, b in zip(sample_cells(*mixed), sample_cells(mixed[0].cpu(), *mixed[1:]), strict=True)
+    )
     print(f"[sampling] noise checks on {device}: {checks}")
     name = (
         "sampling_cost"
@@ -178,6 +203,7 @@ def main() -> None:
         "cells": cells,
         "vocab": args.vocab,
         "repeats": repeats,
+        "clock": "process CPU time, 1 thread" if device.type == "cpu" else "wall time, synchronised",
         "rows": rows,
         "noise": noise,
         "checks": checks,
@@ -189,7 +215,8 @@ def main() -> None:
             for row in rows
         ]
         panels.append(("noise alone", ["per-cell loop", "batched"], [noise["before_ms"], noise["after_ms"]]))
-        title = f"Sampling {cells} cells, vocab {args.vocab}, {device_name or device} (ms per step, median)"
+        clock = "CPU ms, 1 thread" if device.type == "cpu" else "ms"
+        title = f"Sampling {cells} cells, vocab {args.vocab}, {device_name or device}: {clock} per step"
         print(f"[sampling] wrote {bar_plot(name, title, panels)}")
     except ImportError:  # a bare GPU machine may lack matplotlib: the JSON is the result
         print(f"[sampling] no matplotlib: no plot (results in {RESULTS})")
