@@ -57,8 +57,11 @@ def uniform_bits(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise `-log((b + 0.5) / 2^UNIFORM_BITS)` in float32 (log in float64; U is exact there)."""
-    u = bits.to(torch.float64).add_(0.5).mul_(2.0**-UNIFORM_BITS)
-    return u.log_().neg_().to(torch.float32)
+    scale = 2.0**-UNIFORM_BITS
+    # One float64 pass: the 0-d float64 operand sets the result type; b·scale and the sum are exact.
+    half_step = torch.full((), 0.5 * scale, dtype=torch.float64, device=bits.device)
+    u = torch.add(half_step, bits, alpha=scale)
+    return u.log_().to(torch.float32).neg_()
 
 
 def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:

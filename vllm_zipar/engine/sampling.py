@@ -73,7 +73,8 @@ def sample_tokens(
     block = max(1, CPU_BLOCK_ELEMENTS // vocab) if logits.device.type == "cpu" else max(1, len(chosen))
     for first in range(0, len(chosen), block):
         part = chosen[first : first + block]
-        rows = torch.tensor(part, device=logits.device)
+        contiguous = part[-1] - part[0] == len(part) - 1  # the usual case: a view, not a copy
+        rows = slice(part[0], part[-1] + 1) if contiguous else torch.tensor(part, device=logits.device)
         tokens[rows] = _race(
             logits[rows],
             [temperatures[i] for i in part],
