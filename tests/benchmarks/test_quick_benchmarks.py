@@ -50,3 +50,19 @@ def test_attention_cost_quick_measures_both_step_kinds(tmp_path):
     for row in result["rows"]:
         assert min(row["samples"]) > 0 and row["ratio"] > 0
     assert "ratio" in out
+
+
+def test_sampling_cost_quick_times_every_scenario_and_checks_the_noise(tmp_path):
+    out = run(tmp_path, "sampling_cost.py", "--quick")
+    result = json.loads((tmp_path / "sampling_cost_quick.json").read_text())
+    assert [row["scenario"] for row in result["rows"]] == [
+        "temperature 1.0",
+        "top-k 2000",
+        "top-p 0.9",
+        "mixed + greedy",
+    ]
+    assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in result["rows"])
+    checks = result["checks"]
+    assert checks["uniforms_checked"] == 1 << 16 and checks["cell_values_checked"] == 4 * 16384
+    assert checks["log_mismatches_vs_numpy"] == 0 and checks["cell_mismatches_device_vs_host"] == 0
+    assert "before/after" in out

@@ -6,6 +6,8 @@ file with its own, independent implementation of the published architecture.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -68,6 +70,19 @@ def test_a_seeded_image_does_not_depend_on_its_batch(grid8):
     crowd = generator.generate([5, 3, 3, 9], seeds=[1, 77, 78, 2], temperature=1.0)
     assert torch.equal(crowd[1].tokens, alone.tokens)
     assert not torch.equal(crowd[2].tokens, alone.tokens)
+
+
+def test_an_unseeded_request_samples_with_one_seed_of_its_own(grid8):
+    generator, oracle = grid8
+    scheduler = generator.llm.llm_engine.engine_core.engine_core.scheduler
+    draws = random.Random()
+    draws.setstate(scheduler.unseeded_seeds.getstate())
+    first, second = generator.generate([3, 3], seeds=[None, None], temperature=1.0)
+    # Admitted in submission order, each took the scheduler's next seed: the whole image is keyed by it.
+    for result in (first, second):
+        expected, _ = ntp_decode(oracle, 3, 8, 8, seed=draws.getrandbits(63), temperature=1.0)
+        assert torch.equal(result.tokens, expected)
+    assert not torch.equal(first.tokens, second.tokens)
 
 
 def test_a_class_label_outside_the_range_is_refused_and_the_engine_keeps_serving(grid8):

@@ -1,28 +1,50 @@
 """Position-keyed sampling for the reference decoders (ZIPAR.md §5), written from the project's spec text.
 
-The random draw for a cell depends only on ``(seed, raster position)``: a splitmix64 hash of the pair seeds a
-fresh CPU generator, which draws one Exp(1) noise value (-log U) per vocabulary entry, and the token is
-``argmax(probs / q)`` (the exponential-race form of sampling from ``probs`` that vLLM's sampler uses). So the
-same seed gives the same image whatever the batch or the decode order, and NTP and ZipAR differ only through
-the context each cell saw. CFG is combined before temperature, top-k and top-p.
+The random draw for a cell depends only on ``(seed, raster position)``: a splitmix64 hash of the pair keys a
+splitmix64 stream whose output number ``c + 1`` gives the Exp(1) noise of vocabulary entry ``c``
+(``-log U``, ``U`` from the output's top 24 bits), and the token is ``argmax(probs / q)`` (the
+exponential-race form of sampling from ``probs`` that vLLM's sampler uses). So the same seed gives the same
+image whatever the batch or the decode order, and NTP and ZipAR differ only through the context each cell
+saw. CFG is combined before temperature, top-k and top-p. The oracle computes one cell at a time with numpy
+uint64 arithmetic; the engine computes a whole step with int64 tensor ops.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
 
 
 def cell_seed(seed: int, pos: int) -> int:
     """63-bit generator seed for the cell at raster position ``pos`` of a request seeded with ``seed``."""
-    x = (seed * 0x9E3779B97F4A7C15 + pos + 1) & _MASK64
+    x = (seed * _GAMMA + pos + 1) & _MASK64
     x ^= x >> 30
     x = (x * 0xBF58476D1CE4E5B9) & _MASK64
     x ^= x >> 27
     x = (x * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+def splitmix64_stream(key: int, count: int) -> np.ndarray:
+    """Outputs 1..count of the splitmix64 generator whose state starts at ``key`` (uint64[count])."""
+    u64 = np.uint64
+    with np.errstate(over="ignore"):
+        z = u64(key) + np.arange(1, count + 1, dtype=u64) * u64(_GAMMA)
+        z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
+        return z ^ (z >> u64(31))
+
+
+def exp_noise(seed: int, pos: int, vocab: int) -> torch.Tensor:
+    """Exp(1) noise ``float32[vocab]`` of the cell at ``pos``: entry ``c`` is ``-log U`` with
+    ``U = (b + 0.5) / 2**24``, ``b`` the top 24 bits of stream output ``c + 1``; the log in float64."""
+    top = splitmix64_stream(cell_seed(seed, pos), vocab) >> np.uint64(40)
+    u = (top.astype(np.float64) + 0.5) / 2.0**24
+    return torch.from_numpy((-np.log(u)).astype(np.float32))
 
 
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -67,7 +89,7 @@ def sample_cell(
     """Token for one cell from its (already CFG-combined) logits ``[V]``.
 
     ``temperature == 0`` is greedy: ``torch.argmax`` of the logits (first index on ties); top-k/top-p are
-    irrelevant then. Otherwise ``seed`` is required and the draw is keyed by ``cell_seed(seed, pos)``.
+    irrelevant then. Otherwise ``seed`` is required and the draw uses ``exp_noise(seed, pos, V)``.
     """
     if logits.dim() != 1:
         raise ValueError(f"logits must be 1-D [V], got shape {tuple(logits.shape)}")
@@ -82,10 +104,8 @@ def sample_cell(
         return int(torch.argmax(logits))
     if seed is None:
         raise ValueError("the reference oracle samples only with a seed when temperature > 0")
-    scaled = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    scaled = filter_top_k_top_p(logits / torch.tensor(temperature, dtype=torch.float32), top_k, top_p)
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-    gen = torch.Generator("cpu").manual_seed(cell_seed(seed, pos))
-    # Exp(1) noise as -log(U), U ~ U[0, 1) from torch.rand: five times faster than exponential_ on the CPU;
-    # U = 0 gives q = inf, which can never win the race.
-    q = torch.rand(logits.numel(), dtype=torch.float32, generator=gen).log_().neg_()
+    # U lies in (0, 1), so q is finite and positive: a masked entry (p = 0) can never win the race.
+    q = exp_noise(seed, pos, logits.numel())
     return int(torch.argmax(probs / q))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from .llamagen_gpt import (
     ReferenceLlamaGenConfig,
     load_authors_checkpoint,
 )
-from .sampling import cell_seed, cfg_logits, filter_top_k_top_p, sample_cell
+from .sampling import cell_seed, cfg_logits, exp_noise, filter_top_k_top_p, sample_cell, splitmix64_stream
 from .tiny import make_tiny_reference_model
 
 H = W = 8
@@ -271,6 +272,29 @@ def test_cell_seed_is_splitmix64():
     assert cell_seed(7, 3) == cell_seed(7, 3)
     assert cell_seed(7, 3) != cell_seed(7, 4) != cell_seed(8, 3)
     assert 0 <= cell_seed(2**70, 10**6) < 2**63
+
+
+def test_noise_is_the_splitmix64_stream_of_the_cell_key():
+    # splitmix64 from state 0: the published first outputs.
+    assert [int(v) for v in splitmix64_stream(0, 4)] == [
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+        0x06C45D188009454F,
+        0xF88BB8A8724C81EC,
+    ]
+    # Entry c of a cell is -log((top 24 bits of output c + 1 + 0.5) / 2^24), here in plain Python.
+    key = cell_seed(12345, 77)
+    for code in (0, 1, 999, 16383):
+        x = (key + (code + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
+        x ^= x >> 31
+        expected = torch.tensor(-math.log(((x >> 40) + 0.5) / 2**24), dtype=torch.float32)
+        assert exp_noise(12345, 77, 16384)[code] == expected
+    noise = exp_noise(3, 7, 200_000)
+    assert noise.min() > 0 and abs(float(noise.mean()) - 1) < 0.01 and abs(float(noise.var()) - 1) < 0.02
 
 
 def test_sample_cell_keyed_by_seed_and_pos():

@@ -14,6 +14,8 @@ request stops at `max_tokens`, which `add_request` sets to the exact length of t
 
 from __future__ import annotations
 
+import random
+from copy import copy
 from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -77,6 +79,8 @@ class ZipARScheduler(Scheduler):
         # Stats of images that finished in the step being processed, until attached to their outputs.
         self.finished_images: dict[str, dict[str, object]] = {}
         self.num_preempted_images = 0
+        # Seeds of requests that sample without one (see `_seed_if_unseeded`), drawn from the engine's `seed`.
+        self.unseeded_seeds = random.Random(self.vllm_config.model_config.seed)
 
     # -- admission -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -90,7 +94,22 @@ class ZipARScheduler(Scheduler):
         # The request's output tokens are every input fed after the prompt plus the last pass's cells.
         request.max_tokens = decoding.num_output_tokens(layout)
         self.images[request.request_id] = state
+        self._seed_if_unseeded(request)
         super().add_request(request)
+
+    def _seed_if_unseeded(self, request: Request) -> None:
+        """Give a randomly sampled request without a seed one of its own, once, at admission.
+
+        Sampling noise is keyed by (seed, cell); one seed per request (not per cell or step) makes an unseeded
+        image exactly what a seeded one would be, whatever its batch, preemption or number of workers.
+        Drawn from the engine's `seed`, like vLLM's own sampler's noise, so a rerun reproduces it.
+        """
+        params = request.sampling_params
+        if params is None or params.seed is not None or params.temperature <= 0.0:
+            return
+        # A copy: vLLM's parallel sampling hands the n children of an unseeded request one shared object.
+        request.sampling_params = copy(params)
+        request.sampling_params.seed = self.unseeded_seeds.getrandbits(63)
 
     @staticmethod
     def _salt_prefix_cache(request: Request, salt: str) -> None:

@@ -2,25 +2,33 @@
 
 Keying draws by position rather than by a per-request stream is what makes a seeded image independent of
 batch composition, of preemption, and of which engine step decoded the cell; NTP and ZipAR then differ only
-through the context each cell saw. The mix is splitmix64's finaliser over seed·φ + position + 1, so nearby
-seeds and positions give unrelated generator seeds.
+through the context each cell saw. The cell's key is splitmix64's finaliser over seed·γ + position + 1, so
+nearby seeds and positions give unrelated keys; the noise of vocabulary entry `c` is then splitmix64's output
+number `c + 1` from that key (the counter stream `key + (c + 1)·γ`, mixed by the same finaliser), computed
+for a whole step at once by `vllm_zipar.engine.noise`.
 """
 
 from __future__ import annotations
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment, 2^64 / φ
+MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finaliser
+MIX_SHIFTS = (30, 27, 31)
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser of a 64-bit value."""
+    x ^= x >> MIX_SHIFTS[0]
+    x = (x * MIX_MULTIPLIERS[0]) & MASK64
+    x ^= x >> MIX_SHIFTS[1]
+    x = (x * MIX_MULTIPLIERS[1]) & MASK64
+    x ^= x >> MIX_SHIFTS[2]
+    return x
 
 
 def cell_seed(seed: int, position: int) -> int:
-    """A 63-bit torch.Generator seed for the cell at raster `position` of a request seeded with `seed`."""
-    x = (seed * _GOLDEN + position + 1) & _MASK64
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK64
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)
+    """The 63-bit key of the cell at raster `position` of a request seeded with `seed`."""
+    return mix64((seed * GOLDEN_GAMMA + position + 1) & MASK64) & ((1 << 63) - 1)
 
 
 # Per-image seeds of one request: image 0 keeps the request's seed; image i >= 1 takes a 64-bit seed with the
