@@ -13,6 +13,7 @@ from vllm_zipar.serving.image_requests import ImageRequests
 
 def requests_on(monkeypatch, platform: FakePlatform) -> ImageRequests:
     import vllm.platforms
+    from vllm import SamplingParams  # noqa: F401  (vLLM resolves it lazily: before the platform is faked)
 
     monkeypatch.setattr(vllm.platforms, "current_platform", platform, raising=False)
     config = LlamaGenConfig(dim=64, n_layer=1, n_head=2, grid_size=8, num_classes=10, codebook_size=64)
