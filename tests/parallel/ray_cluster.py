@@ -9,6 +9,7 @@ it to the host's primary address (traffic would leave loopback). `stop()` ends o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,12 @@ import psutil
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
+NODE_START_ATTEMPTS = 3
 OBJECT_STORE_BYTES = 200 << 20  # vLLM passes its messages outside Ray's object store; keep /dev/shm free
+
+
+class NodeStartFailed(RuntimeError):
+    pass
 
 
 def ray_command() -> str:
@@ -41,7 +47,8 @@ class LocalRayCluster:
         self.env.pop("RAY_ADDRESS", None)
         self.start_timeout = start_timeout
         self.processes: list[subprocess.Popen] = []
-        self.started: set[int] = set()
+        self.started: set[int] = set()  # every pid this cluster started, for `stop` and the leak check
+        self.below: dict[int, set[int]] = {}  # each `ray start` process's descendants
 
     def __enter__(self) -> LocalRayCluster:
         try:
@@ -70,23 +77,37 @@ class LocalRayCluster:
     def start(self) -> None:
         import ray
 
-        self._node(
-            "--head",
-            "--node-ip-address", HEAD_IP,
-            "--port", str(self.port),
-            "--temp-dir", str(self.temp_dir),
-            "--include-dashboard", "false",
-            name="head",
-        )  # fmt: skip
-        self._wait(lambda: self._alive_nodes() >= 1, "the head node")
-        self._node("--address", self.address, "--node-ip-address", WORKER_IP, name="worker")
-        self._wait(lambda: self._alive_nodes() >= 2, "the second node")
+        head = ["--head", "--node-ip-address", HEAD_IP, "--temp-dir", str(self.temp_dir)]
+        head += ["--include-dashboard", "false"]
+        self._start_node(lambda: self._node(*head, "--port", str(self.port), name="head"), 1, "the head node")
+        worker = ["--address", self.address, "--node-ip-address", WORKER_IP]
+        self._start_node(lambda: self._node(*worker, name="worker"), 2, "the second node")
         assert not ray.is_initialized()
 
+    def _start_node(self, launch, nodes: int, what: str) -> None:
+        # Ray gives a starting raylet 30 s (hard-coded) to register with the GCS, which a loaded machine can
+        # miss: a node whose `ray start` fails is started again, after its processes are ended by pid.
+        for attempt in range(NODE_START_ATTEMPTS):
+            launch()
+            try:
+                self._wait(lambda: self._alive_nodes() >= nodes, what)
+                return
+            except NodeStartFailed:
+                if attempt == NODE_START_ATTEMPTS - 1:
+                    raise
+                failed = self.processes.pop()
+                self._end(self.below.pop(failed.pid, set()))
+                if nodes == 1:
+                    from vllm_zipar.serving.launch import free_port
+
+                    self.port = free_port(HEAD_IP)
+                    self.address = f"{HEAD_IP}:{self.port}"
+
     def _alive_nodes(self) -> int:
+        self._remember_processes()
         for process in self.processes:
             if process.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {process.returncode}: {self.log_tail()}")
+                raise NodeStartFailed(f"`ray start` exited with {process.returncode}: {self.log_tail()}")
         result = subprocess.run(
             [ray_command(), "status", "--address", self.address],
             capture_output=True,
@@ -112,10 +133,22 @@ class LocalRayCluster:
     def _remember_processes(self) -> None:
         for process in self.processes:
             try:
-                root = psutil.Process(process.pid)
-                self.started |= {root.pid, *(child.pid for child in root.children(recursive=True))}
+                below = {child.pid for child in psutil.Process(process.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                continue
+            self.below.setdefault(process.pid, set()).update(below)
+            self.started |= {process.pid, *below}
+
+    @staticmethod
+    def _end(pids: set[int]) -> None:
+        processes = []
+        for pid in pids:
+            try:
+                processes.append(psutil.Process(pid))
+                processes[-1].kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(processes, timeout=10)
 
     def ray_processes(self) -> list[psutil.Process]:
         """Live processes this cluster started (its `ray start` processes and everything below them)."""
@@ -166,3 +199,4 @@ class LocalRayCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the session's logs and sockets
