@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-cpu,test}
+EXTRAS=${EXTRAS:-cpu,test,ray}
 STAMP="$VENV/.vllm-zipar-installed"
 
 if [ ! -x "$VENV/bin/python" ]; then

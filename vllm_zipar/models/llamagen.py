@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -33,6 +33,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+)
 from vllm.sequence import IntermediateTensors
 
 from vllm_zipar.engine.attention_backends import zipar_attention_backend
@@ -187,8 +194,12 @@ class LlamaGenBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class LlamaGenForImageGeneration(nn.Module):
-    """vLLM model class for the authors' LlamaGen c2i checkpoints."""
+class LlamaGenForImageGeneration(nn.Module, SupportsPP):
+    """vLLM model class for the authors' LlamaGen c2i checkpoints.
+
+    Pipeline parallel: each rank builds only its slice of the blocks (vLLM's `make_layers`); the embeddings
+    live on the first rank, the final norm and head on the last, and ranks hand over `hidden_states`.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -198,13 +209,25 @@ class LlamaGenForImageGeneration(nn.Module):
         self.config = config
         # Tell vLLM's default loader to read only the GPT file (the VQ `.pt` sits in the same directory).
         self.allow_patterns_overrides = [config.gpt_checkpoint]
-        self.tok_embeddings = VocabParallelEmbedding(config.codebook_size, config.dim)
-        self.cls_embedding = VocabParallelEmbedding(config.num_class_embeddings, config.dim)
-        self.layers = nn.ModuleList(
-            LlamaGenBlock(config, vllm_config, prefix=f"{prefix}layers.{i}") for i in range(config.n_layer)
+        pp = get_pp_group()
+        if pp.is_first_rank:
+            self.tok_embeddings = VocabParallelEmbedding(config.codebook_size, config.dim)
+            self.cls_embedding = VocabParallelEmbedding(config.num_class_embeddings, config.dim)
+        else:
+            self.tok_embeddings, self.cls_embedding = PPMissingLayer(), PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.n_layer,
+            lambda prefix: LlamaGenBlock(config, vllm_config, prefix=prefix),
+            prefix=f"{prefix}layers",
         )
-        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = ParallelLMHead(config.codebook_size, config.dim, prefix=f"{prefix}output")
+        if pp.is_last_rank:
+            self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+            self.output = ParallelLMHead(config.codebook_size, config.dim, prefix=f"{prefix}output")
+        else:
+            self.norm, self.output = PPMissingLayer(), PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.dim
+        )
         self.logits_processor = LogitsProcessor(config.codebook_size)
         self.register_buffer("rope_table", llamagen_rope_table(config), persistent=False)
         # The same table as vLLM's rotary op reads it: [positions, head_dim] = (cos..., sin...).
@@ -227,12 +250,21 @@ class LlamaGenForImageGeneration(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
-    ) -> torch.Tensor:
-        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+    ) -> torch.Tensor | IntermediateTensors:
+        pp = get_pp_group()
+        if not pp.is_first_rank:
+            assert intermediate_tensors is not None
+            hidden = intermediate_tensors["hidden_states"]
+        elif inputs_embeds is not None:
+            hidden = inputs_embeds
+        else:
+            hidden = self.embed_input_ids(input_ids)
         # Positions are raster indices (class prefix first); the table row holds that cell's 2D rotation.
         rotary = LlamaGenRotary(positions, self.rope_table, self.rope_cos_sin_cache, hidden.dtype)
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer : self.end_layer]:
             hidden = layer(hidden, rotary)
+        if not pp.is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -248,6 +280,8 @@ class LlamaGenForImageGeneration(nn.Module):
         loaded: set[str] = set()
 
         def load(param_name: str, tensor: torch.Tensor, shard: object = None) -> None:
+            if is_pp_missing_parameter(param_name, self):
+                return  # another pipeline rank holds it
             param = params[param_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:

@@ -1,13 +1,16 @@
 """Every monkey patch of vLLM, one module each, applied only from here (see README.md).
 
 `apply_cli_patches()` is called once by our `vllm` console command (`vllm_zipar.serving.vllm_command`)
-before vLLM's own `main` runs; `apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is
-selected on the CPU platform (`vllm_zipar.engine.attention_backends`).
-Each patch checks the vLLM version it was written for and refuses any other:
-a patch silently applied to code it was not written against is worse than a clear error.
+before vLLM's own `main` runs; `apply_engine_patches()` by our general plugin (`vllm_zipar.plugin`), which
+vLLM loads in every process it starts (front-end, engine core, workers) before it builds an executor;
+`apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is selected on the CPU platform
+(`vllm_zipar.engine.attention_backends`). Each patch checks the vLLM version it was written for and refuses
+any other: a patch silently applied to code it was not written against is worse than a clear error.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 _applied: set[str] = set()
 
@@ -50,3 +53,18 @@ def apply_flex_attention_cpu_patches() -> None:
     from vllm_zipar.patches import flex_attention_cpu
 
     apply_once("flex_attention_cpu", flex_attention_cpu.apply)
+
+
+def apply_engine_patches() -> None:
+    """Tensor/pipeline parallel and Ray on vLLM's CPU platform (other platforms need none of these)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm_zipar.patches import pp_intermediate_buffer
+
+    apply_once("pp_intermediate_buffer", pp_intermediate_buffer.apply)
+    if importlib.util.find_spec("ray") is not None:
+        from vllm_zipar.patches import ray_cpu_workers
+
+        apply_once("ray_cpu_workers", ray_cpu_workers.apply)
