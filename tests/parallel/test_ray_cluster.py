@@ -125,11 +125,14 @@ def test_vllm_serve_tp2_on_two_ray_nodes(cluster, parallel_model, tmp_path):
             waited = time.monotonic() - killed_at
         print(f"worker killed: client error after {waited:.1f} s: {failure.value!r}")
         if isinstance(failure.value, InternalServerError):
-            assert failure.value.body["code"] == "server_error" or failure.value.status_code == 500
+            # A dead worker is a dead engine: the route's engine-death answer (docs/serving.md).
+            assert failure.value.status_code == 503 and failure.value.body["code"] == "engine_dead"
         # What the server does next (documented in docs/multinode.md): vLLM treats a dead worker as a
-        # dead engine and the API server exits rather than serve from a broken executor.
+        # dead engine and the API server exits (status 3, as for a dead engine core) rather than serve
+        # from a broken executor.
         deadline = time.monotonic() + 120
         while server.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         print("server after the kill:", server.process.poll(), server.log_tail(1500))
         assert server.process.poll() is not None, "the server kept running with a dead worker"
+        assert server.process.poll() == 3, "a supervisor must see the engine's death as a failure"
