@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_zipar.engine.request_config import Guidance, ImageDecoding, image_decoding_for, output_cells
+from vllm_zipar.models.llamagen_config import LlamaGenConfig
+from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.plan import ZipARPlan
 
@@ -43,10 +45,11 @@ def test_guided_requests_read_their_extra_args_and_split_the_prompt():
     params = SimpleNamespace(extra_args={"cfg_scale": 3.0, "cfg_uncond_prompt_len": 1})
     decoding = image_decoding_for(params, config)
     assert decoding == ImageDecoding("zipar", 4, Guidance(3.0, 1, -1))
-    layout = decoding.layout(SimpleNamespace(grid_size=8), prompt_len=2)
+    model = LlamaGenImageModel(".", LlamaGenConfig(grid_size=8))
+    layout = decoding.layout(model, prompt_len=2)
     assert layout == GridLayout(prompt_len=1, height=8, width=8)
     with pytest.raises(ValueError, match="leaves no conditional prompt"):
-        decoding.layout(SimpleNamespace(grid_size=8), prompt_len=1)
+        decoding.layout(model, prompt_len=1)
     assert decoding.cache_salt == "zipar-w4-cfg1"
     assert ImageDecoding("zipar", 4).cache_salt == "zipar-w4"
 

@@ -8,6 +8,7 @@ import pytest
 from tests.engine.test_attention_choice import FakePlatform
 from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
+from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.serving.image_requests import ImageRequests
 
 
@@ -17,7 +18,7 @@ def requests_on(monkeypatch, platform: FakePlatform) -> ImageRequests:
 
     monkeypatch.setattr(vllm.platforms, "current_platform", platform, raising=False)
     config = LlamaGenConfig(dim=64, n_layer=1, n_head=2, grid_size=8, num_classes=10, codebook_size=64)
-    return ImageRequests(config, ImageDecoding.parse("ntp", None), token_budget=2048)
+    return ImageRequests(LlamaGenImageModel(".", config), ImageDecoding.parse("ntp", None), token_budget=2048)
 
 
 MASKED = [{"zipar_window": 4}, {"zipar_window": 1}, {"decoding": "ntp", "cfg_scale": 2.0}]
@@ -44,5 +45,5 @@ def test_causal_decodings_still_run_there(monkeypatch, kwargs):
 def test_on_cpu_and_cuda_zipar_and_guidance_are_accepted(monkeypatch, platform, kwargs):
     requests = requests_on(monkeypatch, FakePlatform(platform))
     prompt, params = requests.request_inputs(3, **{"cfg_scale": 2.0, **kwargs})
-    assert prompt["prompt_token_ids"] == [64 + 3, requests.config.null_class_token_id]
+    assert prompt["prompt_token_ids"] == [64 + 3, requests.model.hf_config.null_class_token_id]
     assert params.max_tokens > 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_zipar.serving.class_names import ClassNameError, ClassNames
+from vllm_zipar.models.class_names import ClassNameError, ClassNames
 from vllm_zipar.serving.images_protocol import ImageAPIError, parse_request
 
 SIZE = "128x128"
@@ -25,9 +25,8 @@ def error_of(raw: bytes | dict) -> ImageAPIError:
 def test_a_minimal_request_takes_the_defaults():
     req = parse(prompt="3")
     assert (req.n, req.output_format, req.stream, req.partial_images, req.seed) == (1, "png", False, 0, None)
-    assert req.sampling_kwargs() == dict.fromkeys(
-        ("temperature", "top_k", "top_p", "decoding", "zipar_window", "cfg_scale", "cfg_interval")
-    )
+    fields = ("size", "negative_prompt", "temperature", "top_k", "top_p", "decoding", "zipar_window")
+    assert req.sampling_kwargs() == dict.fromkeys((*fields, "cfg_scale", "cfg_interval"))
 
 
 def test_openai_and_extension_fields_are_read():

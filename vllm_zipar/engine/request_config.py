@@ -1,8 +1,9 @@
 """Which decoding an image request uses: engine defaults, overridden per request.
 
 Engine default: `additional_config={"zipar": {"decoding": "zipar" | "ntp", "window": int}}` (default: NTP).
-Per request: `SamplingParams(extra_args={"decoding": ..., "zipar_window": ...})`. A window must be an int
->= 1; a window >= the grid width is valid and decodes exactly as NTP does.
+Per request: `SamplingParams(extra_args={"decoding": ..., "zipar_window": ..., "image_grid": [H, W]})`. A
+window must be an int >= 1; a window >= the grid width is valid and decodes exactly as NTP does. The grid
+defaults to the model's (`ImageModel.default_grid`); which grids a model takes is its adapter's business.
 
 Classifier-free guidance, per request (`guidance_extra_args` builds these): `extra_args={"cfg_scale": s,
 "cfg_uncond_prompt_len": U, "cfg_interval": i}`. With `s > 1` the last `U` prompt tokens are the
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.registry import image_model_for_config
 from vllm_zipar.zipar.guidance import UNCONDITIONAL, image_plan
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.plan import FeedKind, check_window
@@ -61,11 +64,24 @@ class Guidance:
         }
 
 
+def check_grid(grid: object) -> tuple[int, int] | None:
+    """`grid` as (rows, columns) of ints >= 1, or None (the model's default); ValueError otherwise."""
+    if grid is None:
+        return None
+    if not isinstance(grid, list | tuple) or len(grid) != 2:
+        raise ValueError(f"image_grid must be [rows, columns], got {grid!r}")
+    for side in grid:
+        if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= 4096:
+            raise ValueError(f"image_grid sides must be ints in [1, 4096], got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
 @dataclass(frozen=True)
 class ImageDecoding:
     decoding: str
     window: int | None  # None for NTP
     guidance: Guidance | None = None
+    grid: tuple[int, int] | None = None  # (rows, columns); None: the model's default grid
 
     @classmethod
     def parse(cls, decoding: object, window: object) -> ImageDecoding:
@@ -81,22 +97,24 @@ class ImageDecoding:
             raise ValueError(f"zipar_window must be an integer >= 1, got {window!r}") from None
 
     def with_guidance(self, guidance: Guidance | None) -> ImageDecoding:
-        return ImageDecoding(self.decoding, self.window, guidance)
+        return ImageDecoding(self.decoding, self.window, guidance, self.grid)
+
+    def with_grid(self, grid: tuple[int, int] | None) -> ImageDecoding:
+        return ImageDecoding(self.decoding, self.window, self.guidance, check_grid(grid))
 
     @property
     def uncond_prompt_len(self) -> int | None:
         return None if self.guidance is None else self.guidance.uncond_prompt_len
 
-    def layout(self, hf_config: Any, prompt_len: int) -> GridLayout:
+    def layout(self, model: ImageModel, prompt_len: int) -> GridLayout:
         """The conditional sequence's grid; `prompt_len` is the whole request prompt (both prompts)."""
-        grid = int(hf_config.grid_size)
         cond_prompt_len = prompt_len - (self.uncond_prompt_len or 0)
         if cond_prompt_len < 1:
             raise ValueError(
                 f"a prompt of {prompt_len} tokens leaves no conditional prompt before the "
                 f"{self.uncond_prompt_len}-token unconditional one"
             )
-        return GridLayout(prompt_len=cond_prompt_len, height=grid, width=grid)
+        return model.layout(cond_prompt_len, self.grid)
 
     def plan(self, layout: GridLayout):
         return image_plan(layout, self.window, self.uncond_prompt_len)
@@ -129,6 +147,8 @@ class ImageDecoding:
         salt = f"zipar-w{self.window}" if self.window is not None else "ntp"
         if self.guidance is not None:
             salt += f"-cfg{self.guidance.uncond_prompt_len}"
+        if self.grid is not None:
+            salt += f"-g{self.grid[0]}x{self.grid[1]}"
         return salt
 
 
@@ -145,7 +165,13 @@ def image_decoding_for(sampling_params: Any, vllm_config: Any) -> ImageDecoding:
     guidance = Guidance.parse(
         extra.get("cfg_scale", 1.0), extra.get("cfg_uncond_prompt_len"), extra.get("cfg_interval", -1)
     )
-    return ImageDecoding.parse(decoding, window).with_guidance(guidance)
+    return ImageDecoding.parse(decoding, window).with_guidance(guidance).with_grid(extra.get("image_grid"))
+
+
+def image_model_of(vllm_config: Any) -> ImageModel:
+    """The engine's `ImageModel`, from its config alone (the scheduler and each runner build one)."""
+    model_config = vllm_config.model_config
+    return image_model_for_config(model_config.model, model_config.hf_config)
 
 
 @dataclass(frozen=True)

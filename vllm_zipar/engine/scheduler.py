@@ -23,7 +23,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
-from vllm_zipar.engine.request_config import Guidance, image_decoding_for
+from vllm_zipar.engine.request_config import Guidance, image_decoding_for, image_model_of
 from vllm_zipar.engine.step_inputs import ImageStepInputs
 from vllm_zipar.zipar.guidance import UNCONDITIONAL, GuidedPlan, guidance_applies
 from vllm_zipar.zipar.plan import FedInput, FeedKind, ZipARPlan
@@ -75,6 +75,7 @@ class ZipARScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.image_model = image_model_of(self.vllm_config)
         self.images: dict[str, ImageRequestState] = {}
         # Stats of images that finished in the step being processed, until attached to their outputs.
         self.finished_images: dict[str, dict[str, object]] = {}
@@ -85,7 +86,9 @@ class ZipARScheduler(Scheduler):
     # -- admission -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         decoding = image_decoding_for(request.sampling_params, self.vllm_config)
-        layout = decoding.layout(self.vllm_config.model_config.hf_config, len(request.prompt_token_ids))
+        if decoding.grid is not None:
+            self.image_model.check_grid(decoding.grid)
+        layout = decoding.layout(self.image_model, len(request.prompt_token_ids))
         decoding.check_fits(layout, self.max_num_scheduled_tokens)
         self._salt_prefix_cache(request, decoding.cache_salt)
         plan = decoding.plan(layout)
@@ -271,10 +274,14 @@ class ZipARScheduler(Scheduler):
 
 def image_stats(state: ImageRequestState) -> dict[str, object]:
     """What the request output reports about how an image was decoded."""
+    layout = state.plan.layout
     return {
         "decoding": state.decoding,
         "window": state.window,
         "cfg_scale": state.guidance.scale if state.guidance is not None else 1.0,
+        "grid": [layout.height, layout.width],
+        "prompt_len": layout.prompt_len,
+        "uncond_prompt_len": state.guidance.uncond_prompt_len if state.guidance is not None else None,
         "passes": state.plan.steps,
         "cells_per_pass": state.cells_per_pass,
     }

@@ -72,16 +72,14 @@ def animate(
     hold_ms: int = 2000,
 ) -> dict[str, int]:
     """Decode `prompt` with NTP and ZipAR-`window` (same seed) and write the animation; returns the passes."""
-    from vllm_zipar.serving.class_names import ClassNames
     from vllm_zipar.serving.offline import ImageGenerator
 
     with ImageGenerator(model_dir, decoding="zipar", zipar_window=window) as generator:
-        label = ClassNames.for_config(generator.config).label(prompt)
         panels, passes = [], {}
         for name, decoding, win in (("NTP", "ntp", None), (f"ZipAR-{window}", "zipar", window)):
-            (image,) = generator.generate([label], seeds=[seed], decoding=decoding, zipar_window=win)
-            chosen = generator.decoding(decoding, win)
-            order = sampled_at(generator.requests.layout(chosen), chosen.window, chosen.uncond_prompt_len)
+            (image,) = generator.generate([prompt], seeds=[seed], decoding=decoding, zipar_window=win)
+            chosen, layout = generator.requests.decoding_of(image.stats)
+            order = sampled_at(layout, chosen.window, chosen.uncond_prompt_len)
             if max(order) + 1 != image.passes:  # the plan's order must be the engine's
                 raise RuntimeError(f"{name}: the plan has {max(order) + 1} passes, the engine {image.passes}")
             panels.append((name, pass_frames(generator.decode, image.tokens, order)))

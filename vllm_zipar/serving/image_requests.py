@@ -1,22 +1,23 @@
 """What every front-end (offline `ImageGenerator`, the HTTP route) needs to turn an image request into vLLM
 inputs and back: engine arguments, prompts, `SamplingParams`, and output tokens to the H×W grid.
 
-Plain functions of the model config; no engine is touched here, so validation errors surface in the front-end
-(a malformed request must never reach the engine core, where an exception would take the engine down).
+Plain functions of the served `ImageModel` (models/registry.py); no engine is touched here, so validation
+errors surface in the front-end (a malformed request must never reach the engine core, where an exception
+would take the engine down).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vllm_zipar.engine.attention_backends import has_zipar_attention
 from vllm_zipar.engine.request_config import Guidance, ImageDecoding, output_cells
-from vllm_zipar.models.llamagen_config import LlamaGenConfig
+from vllm_zipar.models.image_model import ImageModel, ImageSize
 from vllm_zipar.zipar.layout import GridLayout
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -29,20 +30,20 @@ def _on_cpu() -> bool:
 
 
 def image_engine_args(
-    model_dir: str | Path, config: LlamaGenConfig, decoding: ImageDecoding, overrides: dict[str, Any]
+    model: ImageModel, decoding: ImageDecoding, overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    """vLLM engine arguments for serving `model_dir` with our scheduler, worker and decoding default."""
+    """vLLM engine arguments for serving `model` with our scheduler, worker and decoding default."""
     from vllm_zipar.engine import SCHEDULER_CLS, worker_cls_name
 
     kwargs: dict[str, Any] = {
-        "model": str(model_dir),
+        "model": str(model.model_dir),
         "skip_tokenizer_init": True,
         "dtype": "float32",
         "worker_cls": worker_cls_name(),
         "scheduler_cls": SCHEDULER_CLS,
         "additional_config": {"zipar": {"decoding": decoding.decoding, "window": decoding.window}},
-        "max_model_len": config.max_position_embeddings,
         "enforce_eager": True,
+        **model.engine_args(),
     }
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "gpu_memory_utilization" not in overrides and _on_cpu():
         # vLLM sizes the CPU KV cache from the NUMA node minus this process's memory; its 0.92 default
@@ -53,28 +54,39 @@ def image_engine_args(
     return kwargs
 
 
-class ImageRequests:
-    """Builds and reads the vLLM requests of one class-to-image model."""
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image as the engine gets it, and what reading its output back needs."""
 
-    def __init__(self, config: LlamaGenConfig, default_decoding: ImageDecoding, token_budget: int) -> None:
-        self.config = config
+    prompt: dict[str, Any]  # vLLM prompt: token ids (conditional, then unconditional) and cache salt
+    params: Any  # vllm.SamplingParams
+    decoding: ImageDecoding
+    layout: GridLayout  # the conditional sequence's grid
+    size: ImageSize
+
+
+class ImageRequests:
+    """Builds and reads the vLLM requests of one served image model."""
+
+    def __init__(self, model: ImageModel, default_decoding: ImageDecoding, token_budget: int) -> None:
+        self.model = model
         self.default_decoding = default_decoding
         self.token_budget = token_budget
 
     def sampling_params(
         self,
+        decoding: ImageDecoding,
+        layout: GridLayout,
         *,
         seed: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
-        decoding: ImageDecoding | None = None,
     ):
         """vLLM `SamplingParams` of one image; unset values take the model's `sampling_defaults`."""
         from vllm import SamplingParams
 
-        decoding = decoding or self.default_decoding
-        defaults = self.config.sampling_defaults
+        defaults = self.model.sampling_defaults
         temperature = defaults["temperature"] if temperature is None else temperature
         top_k = defaults["top_k"] if top_k is None else top_k
         top_p = defaults["top_p"] if top_p is None else top_p
@@ -85,8 +97,12 @@ class ImageRequests:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         # An image request's output is its feed sequence (see request_config.output_cells), not H·W tokens.
-        num_outputs = decoding.num_output_tokens(self.layout(decoding))
-        extra_args: dict[str, Any] = {"decoding": decoding.decoding, "zipar_window": decoding.window}
+        num_outputs = decoding.num_output_tokens(layout)
+        extra_args: dict[str, Any] = {
+            "decoding": decoding.decoding,
+            "zipar_window": decoding.window,
+            "image_grid": [layout.height, layout.width],
+        }
         if decoding.guidance is not None:
             extra_args.update(decoding.guidance.extra_args())
         return SamplingParams(
@@ -101,32 +117,24 @@ class ImageRequests:
             extra_args=extra_args,
         )
 
-    def decoding(
-        self,
-        decoding: str | None = None,
-        zipar_window: int | None = None,
-        *,
-        cfg_scale: float | None = None,
-        cfg_interval: int | None = None,
-    ) -> ImageDecoding:
-        """Validate a per-request decoding choice (defaults: this generator's and the model's)."""
-        chosen = self.default_decoding
-        if decoding is not None or zipar_window is not None:
-            chosen = ImageDecoding.parse(decoding or "zipar", zipar_window)
-        defaults = self.config.sampling_defaults
+    def decoding(self, decoding: str | None = None, zipar_window: int | None = None) -> ImageDecoding:
+        """Validate a per-request decoding choice (default: this front-end's)."""
+        if decoding is None and zipar_window is None:
+            return self.default_decoding
+        return ImageDecoding.parse(decoding or "zipar", zipar_window)
+
+    def guidance(self, uncond_prompt_len: int, cfg_scale: float | None, cfg_interval: int | None):
+        defaults = self.model.sampling_defaults
         scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         interval = defaults["cfg_interval"] if cfg_interval is None else cfg_interval
-        # c2i: the unconditional prompt is the null class, one token.
-        return chosen.with_guidance(Guidance.parse(scale, 1, interval))
+        return Guidance.parse(scale, uncond_prompt_len, interval)
 
-    def layout(self, decoding: ImageDecoding) -> GridLayout:
-        """The grid of a class-to-image request: one class token (plus the null class when guided)."""
-        return decoding.layout(self.config, prompt_len=1 + (decoding.uncond_prompt_len or 0))
-
-    def request_inputs(
+    def image_request(
         self,
-        class_label: int,
+        prompt: str | int,
         *,
+        negative_prompt: str | None = None,
+        size: str | None = None,
         seed: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -135,14 +143,22 @@ class ImageRequests:
         zipar_window: int | None = None,
         cfg_scale: float | None = None,
         cfg_interval: int | None = None,
-    ):
-        """The vLLM prompt and SamplingParams of one image, validated (bad input raises ValueError).
-
-        Unset sampling values take the model's `sampling_defaults` (config.json); `cfg_scale=1` runs no
-        unconditional sequence.
-        """
-        chosen = self.decoding(decoding, zipar_window, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
-        layout = self.layout(chosen)
+    ) -> ImageRequest:
+        """One image's vLLM prompt and SamplingParams, validated (bad input raises ValueError; an unusable
+        prompt `PromptError`). Unset sampling values take the model's `sampling_defaults`; `cfg_scale=1` runs
+        no unconditional sequence (and then `negative_prompt` is unused)."""
+        model = self.model
+        chosen_size = model.size(size)
+        prompt_ids = model.prompt_ids(prompt, chosen_size)
+        chosen = self.decoding(decoding, zipar_window).with_grid(chosen_size.grid)
+        uncond_ids: list[int] = []
+        scale = model.sampling_defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+        if scale != 1.0 or negative_prompt is not None:
+            uncond_ids = model.unconditional_prompt_ids(negative_prompt, chosen_size)
+        chosen = chosen.with_guidance(self.guidance(len(uncond_ids), cfg_scale, cfg_interval))
+        if chosen.guidance is None:
+            uncond_ids = []
+        layout = model.layout(len(prompt_ids), chosen_size.grid)
         chosen.check_fits(layout, self.token_budget)
         if chosen.needs_masked_attention(layout) and not has_zipar_attention():
             # The platform's own attention would silently attend causally: wrong tokens, not an error.
@@ -151,31 +167,40 @@ class ImageRequests:
                 "attention, which this version implements for vLLM's CPU platform and for CUDA "
                 "(FlexAttention); on this platform use decoding='ntp' with cfg_scale=1"
             )
-        prompt_ids = [self.config.class_token_id(class_label)]
-        if chosen.guidance is not None:
-            prompt_ids.append(self.config.null_class_token_id)
         # The salt keeps vLLM's prefix cache from serving KV computed under another decoding (other
         # positions and masks for the same tokens).
-        prompt = {"prompt_token_ids": prompt_ids, "cache_salt": chosen.cache_salt}
+        engine_prompt = {"prompt_token_ids": prompt_ids + uncond_ids, "cache_salt": chosen.cache_salt}
         params = self.sampling_params(
-            seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, decoding=chosen
+            chosen, layout, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p
         )
-        return prompt, params
+        return ImageRequest(engine_prompt, params, chosen, layout, chosen_size)
 
-    def grid_from_output(self, token_ids: Sequence[int], decoding: ImageDecoding) -> torch.Tensor:
-        """The [H, W] raster grid from a request's output tokens (its inputs in feed order)."""
-        layout = self.layout(decoding)
+    def request_inputs(self, prompt: str | int, **kwargs: Any):
+        """`(vLLM prompt, SamplingParams)` of one image (see `image_request`)."""
+        request = self.image_request(prompt, **kwargs)
+        return request.prompt, request.params
+
+    def grid_from_output(
+        self, token_ids: Sequence[int], decoding: ImageDecoding, layout: GridLayout, *, partial: bool = False
+    ) -> torch.Tensor:
+        """The [H, W] raster grid of vocabulary ids from a request's output tokens (its inputs in feed
+        order); -1 where a cell is not decoded yet (`partial`: the output so far)."""
         cells = output_cells(layout, decoding.window, decoding.uncond_prompt_len)
-        if len(cells) != len(token_ids):
+        if not partial and len(cells) != len(token_ids):
             raise RuntimeError(f"expected {len(cells)} output tokens for {decoding}, got {len(token_ids)}")
         grid = torch.full((layout.height * layout.width,), -1, dtype=torch.long)
-        for position, token in zip(cells, token_ids, strict=True):
+        for position, token in zip(cells, token_ids, strict=False):
             if position is not None:
-                grid[position - layout.prompt_len] = token
+                index = layout.image_index(position)
+                if index is not None:
+                    grid[index] = token
         return grid.view(layout.height, layout.width)
 
-    def decoding_of(self, stats: dict[str, Any]) -> ImageDecoding:
-        """The decoding a finished request reports in its stats (`kv_transfer_params["zipar"]`)."""
+    def decoding_of(self, stats: dict[str, Any]) -> tuple[ImageDecoding, GridLayout]:
+        """The decoding and grid a finished request reports in its stats (`kv_transfer_params["zipar"]`)."""
         decoding = ImageDecoding.parse(stats["decoding"], stats["window"])
         scale = stats.get("cfg_scale", 1.0)
-        return decoding.with_guidance(Guidance.parse(scale, 1) if scale != 1.0 else None)
+        guidance = Guidance.parse(scale, stats.get("uncond_prompt_len")) if scale != 1.0 else None
+        grid = tuple(stats["grid"])
+        decoding = decoding.with_guidance(guidance).with_grid(grid)
+        return decoding, self.model.layout(stats["prompt_len"], grid)  # type: ignore[arg-type]

@@ -1,12 +1,13 @@
 """The body of `POST /v1/images/generations`, read and checked field by field (OpenAI's Images API).
 
-OpenAI fields: `model`, `prompt` (here: a class index or class name), `n` (1-10), `size` (the model's native
-"WxH" or "auto"), `response_format` ("b64_json"; "url" is refused), `output_format` (png, jpeg, webp),
-`output_compression` (0-100, jpeg/webp), `stream`, `partial_images` (0-3), `user`; `quality`, `background`
-("transparent" is refused), `moderation` and `style` are accepted and ignored. Extension fields sit at the
-top level of the body, as vLLM-Omni does: `seed`, `cfg_scale`, `cfg_interval`, `decoding`, `zipar_window`,
-`temperature`, `top_k`, `top_p`, `partial_frames` (like `partial_images`, up to 256: the playground's frames),
-and the debug field `return_tokens`. Anything else is a 400 naming it.
+OpenAI fields: `model`, `prompt` (class-to-image models: a class index or class name; text-to-image: text),
+`n` (1-10), `size` (one of the model's "WxH" sizes, or "auto": its native one), `response_format`
+("b64_json"; "url" is refused), `output_format` (png, jpeg, webp), `output_compression` (0-100, jpeg/webp),
+`stream`, `partial_images` (0-3), `user`; `quality`, `background` ("transparent" is refused), `moderation`
+and `style` are accepted and ignored. Extension fields sit at the top level of the body, as vLLM-Omni does:
+`seed`, `negative_prompt` (text-to-image), `guidance_scale` (alias `cfg_scale`), `cfg_interval`, `decoding`,
+`zipar_window`, `temperature`, `top_k`, `top_p`, `partial_frames` (like `partial_images`, up to 256: the
+playground's frames), and the debug field `return_tokens`. Anything else is a 400 naming it.
 
 Every check raises `ImageAPIError`, which carries the HTTP status and OpenAI's error body (`message`, `type`,
 `param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine, and nothing
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_zipar.models.image_model import QUOTE_CHARS, quote
 from vllm_zipar.zipar.seeding import MAX_REQUEST_SEED
 
 MAX_IMAGES = 10
@@ -29,15 +32,6 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED_FIELDS = ("quality", "moderation", "style")
 MAX_TEMPERATURE = 2.0  # vLLM's own bound (SamplingParams), checked here so the error is ours
 MAX_CFG_SCALE = 50.0  # far above useful ones (LlamaGen: 1.5-4); 1e308 overflowed the logits: a blank image
-QUOTE_CHARS = 40
-
-
-def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """`repr(value)`, cut to a short prefix: an error message must not echo a 50 MiB prompt back."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} characters)"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,9 @@ class RequestLimits:
     max_window: int = 1 << 16  # a window of the grid's cell count or more is next-token order already
     max_cfg_interval: int = 1 << 16
     max_top_k: int = 1 << 16  # the codebook size
-    max_prompt_chars: int = 256  # the longest class name, with room for spacing and case
+    max_prompt_chars: int = 256  # class-to-image: the longest class name, with room for spacing and case
+    prompt_kind: str = "class"  # "class" or "text" (ImageModel.prompt_kind)
+    negative_prompt: bool = False  # whether the model takes a negative prompt
 
 
 class ImageAPIError(Exception):
@@ -92,6 +88,8 @@ class ImageGenerationRequest:
     partial_images: int = 0
     user: str | None = None
     seed: int | None = None
+    size: str | None = None
+    negative_prompt: str | None = None
     cfg_scale: float | None = None
     cfg_interval: int | None = None
     decoding: str | None = None
@@ -104,6 +102,8 @@ class ImageGenerationRequest:
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `ImageRequests.request_inputs` (seed excluded: it varies per image)."""
         return {
+            "size": self.size,
+            "negative_prompt": self.negative_prompt,
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
@@ -171,14 +171,16 @@ def _bool(body: dict[str, Any], param: str) -> bool:
 
 
 KNOWN_FIELDS = set(ImageGenerationRequest.__dataclass_fields__) | {"size", "response_format", "background"}
-KNOWN_FIELDS |= set(IGNORED_FIELDS) | {"partial_frames"}
+KNOWN_FIELDS |= set(IGNORED_FIELDS) | {"partial_frames", "guidance_scale"}
 
 
 def parse_request(
-    raw: bytes, native_size: str, limits: RequestLimits | None = None
+    raw: bytes, sizes: str | Sequence[str], limits: RequestLimits | None = None
 ) -> ImageGenerationRequest:
-    """Read and check a request body; `native_size` is the model's "WxH", `limits` its bounds."""
+    """Read and check a request body; `sizes` are the model's "WxH" sizes (native first), `limits` its
+    bounds."""
     limits = limits or RequestLimits()
+    sizes = [sizes] if isinstance(sizes, str) else list(sizes)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
@@ -198,24 +200,43 @@ def parse_request(
         raise ImageAPIError(
             "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
         )
+    text_prompts = limits.prompt_kind == "text"
     if not prompt.strip():
-        raise ImageAPIError("'prompt' must name a class (an index or a class name).", param="prompt")
+        what = "must not be empty" if text_prompts else "must name a class (an index or a class name)"
+        raise ImageAPIError(f"'prompt' {what}.", param="prompt")
     if len(prompt) > limits.max_prompt_chars:
+        what = "the" if text_prompts else "any class name of"
         raise ImageAPIError(
-            f"'prompt' {quote(prompt)} is longer than any class name of this model "
+            f"'prompt' {quote(prompt)} is longer than {what} this model's limit "
             f"(at most {limits.max_prompt_chars} characters).",
             param="prompt",
-            code="unknown_class",
+            code="prompt_too_long" if text_prompts else "unknown_class",
         )
+    negative_prompt = _str(body, "negative_prompt")
+    if negative_prompt is not None:
+        if not limits.negative_prompt:
+            raise ImageAPIError(
+                "'negative_prompt' is not supported by this model: class-to-image guidance runs against "
+                "the null class.",
+                param="negative_prompt",
+                code="unsupported_parameter",
+            )
+        if len(negative_prompt) > limits.max_prompt_chars:
+            raise ImageAPIError(
+                f"'negative_prompt' is longer than this model's limit ({limits.max_prompt_chars} chars).",
+                param="negative_prompt",
+                code="prompt_too_long",
+            )
     n = _int(body, "n", 1, MAX_IMAGES)
 
     size = _str(body, "size")
-    if size not in (None, "auto", native_size):
+    if size not in (None, "auto", *sizes):
+        if len(sizes) == 1:
+            allowed = f"This model generates {sizes[0]} images only (use '{sizes[0]}' or 'auto')."
+        else:
+            allowed = "Supported sizes: " + ", ".join(f"'{s}'" for s in sizes) + ", or 'auto'."
         raise ImageAPIError(
-            f"Invalid value for 'size': {quote(size)}. This model generates {native_size} images only "
-            f"(use '{native_size}' or 'auto').",
-            param="size",
-            code="unsupported_value",
+            f"Invalid value for 'size': {quote(size)}. {allowed}", param="size", code="unsupported_value"
         )
     response_format = _str(body, "response_format")
     if response_format == "url":
@@ -270,7 +291,12 @@ def parse_request(
     zipar_window = _int(body, "zipar_window", 1, limits.max_window)
     if decoding == "ntp" and zipar_window is not None:
         raise ImageAPIError("'zipar_window' goes with decoding 'zipar', not 'ntp'.", param="zipar_window")
-    cfg_scale = _number(body, "cfg_scale", 1.0, MAX_CFG_SCALE, " (1 disables guidance)")
+    if "cfg_scale" in body and "guidance_scale" in body:
+        raise ImageAPIError(
+            "Give 'guidance_scale' or its alias 'cfg_scale', not both.", param="guidance_scale"
+        )
+    scale_param = "guidance_scale" if "guidance_scale" in body else "cfg_scale"
+    cfg_scale = _number(body, scale_param, 1.0, MAX_CFG_SCALE, " (1 disables guidance)")
     temperature = _number(body, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -286,6 +312,8 @@ def parse_request(
         partial_images=partial_images or partial_frames or 0,
         user=_str(body, "user"),
         seed=_int(body, "seed", 0, MAX_REQUEST_SEED),
+        size=None if size in (None, "auto") else size,
+        negative_prompt=negative_prompt,
         cfg_scale=cfg_scale,
         cfg_interval=_int(body, "cfg_interval", -1, limits.max_cfg_interval),
         decoding=decoding,

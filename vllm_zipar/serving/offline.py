@@ -1,20 +1,21 @@
 """Offline image generation through vLLM's own engine (`vllm.LLM`), one request per image.
 
-`ImageGenerator` starts `vllm.LLM` with the engine arguments our models need (`image_engine_args`) and
-turns class labels into requests and output tokens into H×W grids (`ImageRequests`).
+`ImageGenerator` starts `vllm.LLM` with the engine arguments the model's family needs (`image_engine_args`)
+and turns prompts (class labels or text, whatever the family takes) into requests and output tokens into
+H×W grids (`ImageRequests`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vllm_zipar.engine.request_config import ImageDecoding
-from vllm_zipar.models.model_dir import load_config
+from vllm_zipar.models.registry import load_image_model
 from vllm_zipar.serving.image_requests import ImageRequests, image_engine_args
 from vllm_zipar.serving.metrics import record_image
 
@@ -22,16 +23,21 @@ from vllm_zipar.serving.metrics import record_image
 @dataclass
 class GeneratedImage:
     request_id: str
-    class_label: int
+    prompt: str | int  # a class label or name (class-to-image) or a text prompt
     seed: int | None
-    tokens: torch.Tensor  # [H, W] int64 VQ codes in raster order
+    tokens: torch.Tensor  # [H, W] int64 vocabulary ids of the visual tokens, raster order
     passes: int  # forward passes the engine spent on this image, prefill included
     cells_per_pass: list[int]  # grid cells sampled in each of those passes
     cfg_scale: float = 1.0  # classifier-free guidance it was decoded with (1: none)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_label(self) -> str | int:
+        return self.prompt
 
 
 class ImageGenerator:
-    """Generates VQ token grids (and images) for a LlamaGen model directory with vLLM."""
+    """Generates VQ token grids (and images) for a vllm-zipar model directory with vLLM."""
 
     def __init__(
         self,
@@ -45,14 +51,14 @@ class ImageGenerator:
         from vllm import LLM
 
         self.model_dir = Path(model_dir)
-        self.config = load_config(self.model_dir)
+        self.model = load_image_model(self.model_dir)
+        self.config = self.model.hf_config
         self.default_decoding = ImageDecoding.parse(decoding, zipar_window)
-        kwargs = image_engine_args(self.model_dir, self.config, self.default_decoding, engine_kwargs)
-        kwargs.update(engine_kwargs)
+        kwargs = image_engine_args(self.model, self.default_decoding, engine_kwargs)
         self.llm = LLM(**kwargs)
-        self.requests = ImageRequests(self.config, self.default_decoding, self.token_budget)
+        self.requests = ImageRequests(self.model, self.default_decoding, self.token_budget)
         self._vq = None
-        self._submitted: dict[str, tuple[int, int | None]] = {}
+        self._submitted: dict[str, tuple[str | int, int | None]] = {}
 
     @property
     def token_budget(self) -> int:
@@ -60,44 +66,40 @@ class ImageGenerator:
 
     @property
     def grid_shape(self) -> tuple[int, int]:
-        return (self.config.grid_size, self.config.grid_size)
+        """(rows, columns) of the model's native size."""
+        return self.model.native_size.grid
 
-    def sampling_params(self, **kwargs: Any):
-        return self.requests.sampling_params(**kwargs)
-
-    def decoding(self, *args: Any, **kwargs: Any) -> ImageDecoding:
-        return self.requests.decoding(*args, **kwargs)
-
-    def request_inputs(self, class_label: int, **kwargs: Any):
-        """The vLLM prompt and SamplingParams of one image (see `ImageRequests.request_inputs`)."""
-        return self.requests.request_inputs(class_label, **kwargs)
+    def request_inputs(self, prompt: str | int, **kwargs: Any):
+        """The vLLM prompt and SamplingParams of one image (see `ImageRequests.image_request`)."""
+        return self.requests.request_inputs(prompt, **kwargs)
 
     def generate(
         self,
-        class_labels: Sequence[int],
+        prompts: Sequence[str | int],
         *,
         seeds: Sequence[int | None] | None = None,
         use_tqdm: bool = False,
         **request_kwargs: Any,
     ) -> list[GeneratedImage]:
-        """One token grid per class label; `temperature=0` is greedy. Keyword arguments: `request_inputs`."""
-        labels = list(class_labels)
-        seed_list = list(seeds) if seeds is not None else [None] * len(labels)
-        if len(seed_list) != len(labels):
-            raise ValueError(f"got {len(seed_list)} seeds for {len(labels)} class labels")
-        pairs = zip(labels, seed_list, strict=True)
-        inputs = [self.request_inputs(label, seed=seed, **request_kwargs) for label, seed in pairs]
+        """One token grid per prompt (class labels or text); `temperature=0` is greedy. Keyword arguments:
+        `ImageRequests.image_request` (`size`, `negative_prompt`, `decoding`, `zipar_window`, ...)."""
+        prompts = list(prompts)
+        seed_list = list(seeds) if seeds is not None else [None] * len(prompts)
+        if len(seed_list) != len(prompts):
+            raise ValueError(f"got {len(seed_list)} seeds for {len(prompts)} prompts")
+        pairs = zip(prompts, seed_list, strict=True)
+        inputs = [self.request_inputs(prompt, seed=seed, **request_kwargs) for prompt, seed in pairs]
         outputs = self.llm.generate([p for p, _ in inputs], [s for _, s in inputs], use_tqdm=use_tqdm)
         return [
-            self.image_from_output(out, label, seed)
-            for label, seed, out in zip(labels, seed_list, outputs, strict=True)
+            self.image_from_output(out, prompt, seed)
+            for prompt, seed, out in zip(prompts, seed_list, outputs, strict=True)
         ]
 
-    def add_request(self, request_id: str, class_label: int, **request_kwargs: Any) -> None:
+    def add_request(self, request_id: str, prompt: str | int, **request_kwargs: Any) -> None:
         """Submit one image to the running engine without waiting (pair with `step`)."""
-        prompt, params = self.request_inputs(class_label, **request_kwargs)
-        self._submitted[request_id] = (class_label, request_kwargs.get("seed"))
-        self.llm.llm_engine.add_request(request_id, prompt, params)
+        engine_prompt, params = self.request_inputs(prompt, **request_kwargs)
+        self._submitted[request_id] = (prompt, request_kwargs.get("seed"))
+        self.llm.llm_engine.add_request(request_id, engine_prompt, params)
 
     def step(self) -> list[GeneratedImage]:
         """Run one engine step; the images that finished in it."""
@@ -141,34 +143,28 @@ class ImageGenerator:
     def has_unfinished_requests(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
 
-    def image_from_output(self, out: Any, class_label: int, seed: int | None) -> GeneratedImage:
+    def image_from_output(self, out: Any, prompt: str | int, seed: int | None) -> GeneratedImage:
         stats = (out.kv_transfer_params or {}).get("zipar")
         if stats is None:
             raise RuntimeError(
                 f"request {out.request_id} finished without image stats ({out.outputs[0].finish_reason})"
             )
-        decoding = self.requests.decoding_of(stats)
+        decoding, layout = self.requests.decoding_of(stats)
         record_image(stats)
         return GeneratedImage(
             request_id=out.request_id,
-            class_label=class_label,
+            prompt=prompt,
             seed=seed,
-            tokens=self.grid_from_output(out.outputs[0].token_ids, decoding),
+            tokens=self.requests.grid_from_output(out.outputs[0].token_ids, decoding, layout),
             passes=stats["passes"],
             cells_per_pass=stats["cells_per_pass"],
             cfg_scale=stats.get("cfg_scale", 1.0),
+            stats=stats,
         )
-
-    def grid_from_output(self, token_ids: Sequence[int], decoding: ImageDecoding) -> torch.Tensor:
-        return self.requests.grid_from_output(token_ids, decoding)
 
     def decode(self, tokens: torch.Tensor):
         """PIL images for a batch of token grids [B, H, W] (the VQ decoder is loaded on first use)."""
         if self._vq is None:
-            from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, load_llamagen_vq
-
-            self._vq = load_llamagen_vq(
-                self.model_dir / self.config.vq_checkpoint, LlamaGenVQConfig(**self.config.vq_config)
-            )
+            self._vq = self.model.load_decoder()
         with torch.inference_mode():
             return self._vq.to_pil_images(tokens)

@@ -23,18 +23,18 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def model_info(service: Any) -> dict[str, Any]:
-    """What the page needs to know about the served model (`service`: images_route.ImageService)."""
-    config = service.config
+    """What the page needs to know about the served model (`service`: image_service.ImageService)."""
+    model = service.model
     default = service.requests.default_decoding
+    described = model.describe()
     return {
+        **described,
         "model": service.served_names[0],
-        "size": service.native_size,
-        "grid": [config.grid_size, config.grid_size],
-        "num_classes": service.class_names.num_classes,
-        "class_names": service.class_names.primary or None,
+        "num_classes": described.get("num_classes"),
+        "class_names": described.get("class_names"),
         "default_decoding": default.decoding,
         "default_window": default.window,
-        "sampling_defaults": dict(config.sampling_defaults),
+        "sampling_defaults": dict(model.sampling_defaults),
         "max_partial_frames": MAX_PARTIAL_FRAMES,
     }
 

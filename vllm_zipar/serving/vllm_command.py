@@ -81,11 +81,11 @@ def model_of(argv: Sequence[str]) -> str | None:
 def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequence[str]) -> list[str]:
     """The `vllm serve` flags our engine arguments become, leaving out every one the user set."""
     from vllm_zipar.engine.request_config import ImageDecoding
-    from vllm_zipar.models.model_dir import load_config
+    from vllm_zipar.models.registry import load_image_model
     from vllm_zipar.serving.image_requests import image_engine_args
 
     try:
-        config = load_config(model_dir)
+        model = load_image_model(model_dir)
     except (OSError, TypeError, ValueError) as err:
         raise CommandError(f"--decoding needs a vllm-zipar model directory; {model_dir}: {err}") from err
     chosen = ImageDecoding.parse(decoding, window)
@@ -93,7 +93,7 @@ def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequen
     for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"):
         if _has_flag(argv, "--" + key.replace("_", "-")):
             user_set[key] = True
-    kwargs = image_engine_args(model_dir, config, chosen, {})
+    kwargs = image_engine_args(model, chosen, {})
     if user_set:  # the user sized the KV cache: our CPU default must not compete with it
         kwargs.pop("kv_cache_memory_bytes", None)
     flags: list[str] = []
@@ -108,6 +108,8 @@ def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequen
             continue
         if value is True:
             flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
         else:
             flags += [flag, str(value)]
     return flags

@@ -75,3 +75,8 @@ class GridLayout:
             raise ValueError(f"position={position} outside the grid [{self.prompt_len}, {self.end})")
         r, c = divmod(position - self.prompt_len, self.row_stride)
         return r, c
+
+    def image_index(self, position: int) -> int | None:
+        """Raster index ``r * width + c`` of the image cell at ``position``; None for an EOL cell."""
+        r, c = self.cell(position)
+        return None if c == self.width else r * self.width + c

@@ -27,9 +27,20 @@ async function loadInfo() {
     option.label = String(label);
     return option;
   }));
+  const prompts = info.prompt_kind === "text" ? `${info.family} text-to-image` :
+    `${info.num_classes} classes${names.length ? ` (${names.slice(0, 4).join(", ")}, …)` : ""}`;
   $("model-info").textContent = `${info.model}: ${info.size} images, ${info.grid[0]}×${info.grid[1]} token grid, ` +
-    `${info.num_classes} classes${names.length ? ` (${names.slice(0, 4).join(", ")}, …)` : ""}; ` +
-    `server default ${info.default_decoding}${info.default_window ? "-" + info.default_window : ""}`;
+    `${prompts}; server default ${info.default_decoding}${info.default_window ? "-" + info.default_window : ""}`;
+  $("size").replaceChildren(...(info.sizes || [info.size]).map((size) => {
+    const option = document.createElement("option");
+    option.value = option.textContent = size;
+    return option;
+  }));
+  $("negative-field").hidden = !info.negative_prompt;
+  if (info.prompt_kind === "text") {
+    $("prompt").title = "what to draw";
+    $("prompt").value = "a red apple on a wooden table";
+  }
   $("window").max = String(info.grid[1]);
   if (info.default_window) $("window").value = String(Math.min(info.default_window, info.grid[1]));
   $("window-value").value = $("window").value;
@@ -37,7 +48,7 @@ async function loadInfo() {
   const cfg = info.sampling_defaults && info.sampling_defaults.cfg_scale;
   if (cfg) $("cfg-scale").value = String(cfg);
   $("frames").max = String(info.max_partial_frames);
-  if (!names.length) $("prompt").value = "0";
+  if (!names.length && info.prompt_kind !== "text") $("prompt").value = "0";
 }
 
 function newRun(title, decoding, n) {
@@ -148,7 +159,9 @@ async function streamRun(run, body, signal) {
 }
 
 function requestBody(decoding) {
-  const body = { prompt: $("prompt").value, n: Number($("n").value), stream: true };
+  const body = { prompt: $("prompt").value, n: Number($("n").value), stream: true, size: $("size").value };
+  const negative = $("negative-prompt").value.trim();
+  if (zipar.info && zipar.info.negative_prompt && negative !== "") body.negative_prompt = negative;
   if (zipar.info) body.model = zipar.info.model;
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);

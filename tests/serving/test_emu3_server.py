@@ -1,0 +1,123 @@
+"""`vllm serve EMU3_DIR --decoding zipar` through the `openai` client: a text prompt in, a PNG of the requested
+size out, tokens equal to the EOL-grid oracle; bad sizes, guidance values and negative prompts are 400s
+naming the field, and the server keeps serving. The model is a tiny random Hugging Face Emu3 directory."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from tests.reference.emu3_decoders import reference_from_hf_dir, zipar_decode_eol
+from tests.serving.conftest import SERVER_ARGS
+from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
+from vllm_zipar.models.registry import load_image_model
+from vllm_zipar.serving.launch import ServedModel
+
+pytestmark = pytest.mark.serving
+
+MODEL = "tiny-emu3"
+OPTIONS = {"image_area": 64 * 64, "positive_prompt_suffix": "", "negative_prompt": "ugly blurry"}
+NEGATIVE = "a bad ugly blurry picture of a dog"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("emu3-served")
+    write_random_emu3_dir(model_dir, seed=4)
+    (model_dir / "zipar.json").write_text(json.dumps(OPTIONS))
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    server = ServedModel(
+        model_dir, zipar_window=2, served_model_name=MODEL, extra_args=SERVER_ARGS, log_path=log
+    )
+    with server:
+        yield server, model_dir
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def post(server, body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/images/generations", json=body, timeout=120.0)
+
+
+@pytest.mark.parametrize("size, grid", [("64x64", (8, 8)), ("72x56", (7, 9)), ("48x88", (11, 6))])
+def test_a_text_prompt_gives_a_png_of_the_requested_size(client, size, grid):
+    response = client.images.generate(
+        model=MODEL, prompt="a red cat", size=size, n=2, response_format="b64_json",
+        extra_body={"seed": 3, "guidance_scale": 2.0, "negative_prompt": NEGATIVE, "return_tokens": True},
+    )
+    assert response.size == size
+    for item in response.data:
+        image = png(item.b64_json)
+        assert (image.format, f"{image.width}x{image.height}") == ("PNG", size)
+        assert torch.tensor(item.model_extra["tokens"]).shape == grid
+    assert response.data[0].b64_json != response.data[1].b64_json
+
+
+def test_tokens_equal_the_oracle(served, client):
+    from transformers import Emu3ForConditionalGeneration
+
+    server, model_dir = served
+    body = {"temperature": 0.0, "guidance_scale": 3.0, "negative_prompt": NEGATIVE, "return_tokens": True}
+    response = client.images.generate(model=MODEL, prompt="a blue dog", size="56x72", extra_body=body)
+    tokens = torch.tensor(response.data[0].model_extra["tokens"])
+    model = load_image_model(model_dir)
+    size = model.size("56x72")
+    hf = Emu3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected, _ = zipar_decode_eol(
+        reference_from_hf_dir(hf), model.prompt_ids("a blue dog", size), 9, 7, eol_id=model.eol_token,
+        visual=(model.visual_tokens.start, model.visual_tokens.stop), window=2,
+        negative_prompt_ids=model.unconditional_prompt_ids(NEGATIVE, size), cfg_scale=3.0, temperature=0.0,
+    )
+    assert torch.equal(tokens, expected)
+
+
+def test_streaming_sends_partial_images_of_the_requested_size(client):
+    stream = client.images.generate(
+        model=MODEL, prompt="a red cat", size="72x56", stream=True, partial_images=2, extra_body={"seed": 1}
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert {png(e.b64_json).size for e in events} == {(72, 56)}
+
+
+ERRORS = [
+    ({"prompt": "a cat", "size": "1024x1024"}, "size", "unsupported_value", "'64x64'"),
+    ({"prompt": "a cat", "size": "64by64"}, "size", "unsupported_value", "'72x56'"),
+    ({"prompt": "a cat", "guidance_scale": 0.5}, "guidance_scale", "invalid_value", "guidance_scale"),
+    ({"prompt": "a cat", "guidance_scale": "high"}, "guidance_scale", "invalid_type", "guidance_scale"),
+    ({"prompt": "a cat", "guidance_scale": 2, "cfg_scale": 2}, "guidance_scale", "invalid_value", "alias"),
+    ({"prompt": "a cat", "cfg_scale": 100}, "cfg_scale", "invalid_value", "cfg_scale"),
+    ({"prompt": "a cat", "negative_prompt": 3}, "negative_prompt", "invalid_type", "negative_prompt"),
+    ({"prompt": "   "}, "prompt", "invalid_value", "empty"),
+    ({"prompt": "a cat", "zipar_window": 0}, "zipar_window", "invalid_value", "zipar_window"),
+]
+
+
+@pytest.mark.parametrize("body, param, code, words", ERRORS)
+def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(served, body, param, code, words):
+    server, _ = served
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert words in error["message"]
+    ok = post(server, {"prompt": "a cat", "size": "64x64", "seed": 2})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+    assert server.idle_kv_usage() == 0.0
