@@ -39,6 +39,14 @@ class TinyEmu3Ids:
     def vocab_size(self) -> int:
         return self.visual_start + self.num_visual
 
+    def special_ids(self):
+        """The ids ``emu3_hf.hf_generate_image`` needs."""
+        from .emu3_hf import Emu3SpecialIds
+
+        return Emu3SpecialIds(
+            self.image_wrapper, self.eol, self.eof, self.image_end, self.eos, self.pad, self.visual
+        )
+
     def image_prompt(self, text: list[int], H: int, W: int) -> list[int]:
         """BOS + text + <|image start|> + "H*W" + <|image token|>, as plain ids."""
         digits = [10 + int(d) for d in str(H)] + [self.star] + [10 + int(d) for d in str(W)]
