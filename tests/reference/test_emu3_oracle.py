@@ -186,6 +186,16 @@ def test_small_windows_pass_counts_change_tokens_and_are_deterministic(ref):
     assert all(v > 0 for v in changed.values()), changed
 
 
+@pytest.mark.parametrize(("H", "W"), [(1, 4), (3, 1), (1, 1)])
+def test_one_row_or_one_column_grids(ref, H, W):
+    prompt, neg = _prompts(H, W)
+    ntp, passes = ntp_decode_eol(ref, prompt, H, W, **_kw(neg, CFG))
+    assert passes == H * W
+    for window in (1, 2):
+        grid, passes = zipar_decode_eol(ref, prompt, H, W, window, **_kw(neg, CFG))
+        assert torch.equal(grid, ntp) and passes == (H - 1) * min(window, W) + W
+
+
 def test_trace_follows_the_eol_rules(ref):
     H, W, window = 5, 4, 2
     prompt, neg = _prompts(H, W)
