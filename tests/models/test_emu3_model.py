@@ -129,8 +129,8 @@ def test_both_key_layouts_load_into_transformers_as_the_same_model(emu3_dir, emu
 
 @pytest.fixture(scope="module", params=["hub-layout", "state-dict-layout"])
 def emu3_engine(request, emu3_dir, emu3_state_dict_dir):
-    """vLLM's stock engine on our model class; the state-dict-layout directory also lifts max_model_len (256)
-    above its max_position_embeddings (32) with `emu3_engine_overrides`, so positions run past the config's."""
+    """vLLM's stock engine on our model class. The state-dict-layout directory also lifts max_model_len
+    (256) above its max_position_embeddings (32) with `emu3_engine_overrides`: positions run past 32."""
     from transformers import AutoConfig
     from vllm import LLM
 
@@ -250,3 +250,54 @@ def test_codes_to_pil_rejects_vocabulary_ids(emu3_dir):
     vq = load_emu3_vq(emu3_dir)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 64\)"):
         codes_to_pil(vq, torch.full((1, 2, 2), 447))
+
+
+# --- loader errors -----------------------------------------------------------------------------------------
+
+
+def start_engine_on_edited_weights(emu3_dir, tmp_path, edit) -> Exception:
+    """Copy the directory, edit its tensors with `edit(state)`, start an engine on it; returns the error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM
+
+    model_dir = tmp_path / "edited"
+    shutil.copytree(emu3_dir, model_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+    edit(state)
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        with pytest.raises(Exception) as failure:
+            LLM(
+                model=str(model_dir),
+                hf_overrides={"architectures": ["Emu3ForImageGeneration"]},
+                dtype="float32",
+                enforce_eager=True,
+                kv_cache_memory_bytes=TEST_KV_CACHE_BYTES,
+                max_model_len=512,
+            )
+    finally:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    return failure.value
+
+
+@pytest.mark.engine
+def test_a_missing_text_weight_is_named(emu3_dir, tmp_path):
+    error = start_engine_on_edited_weights(
+        emu3_dir, tmp_path, lambda state: state.pop("text_model.model.layers.1.mlp.up_proj.weight")
+    )
+    assert "text-model weights missing for ['layers.1.mlp.up_proj.weight'] (1)" in str(error)
+
+
+@pytest.mark.engine
+def test_an_unexpected_text_weight_is_named(emu3_dir, tmp_path):
+    def add_a_third_layer(state):
+        state["text_model.model.layers.2.self_attn.q_proj.weight"] = torch.zeros(64, 64)
+
+    error = start_engine_on_edited_weights(emu3_dir, tmp_path, add_a_third_layer)
+    assert "unexpected text-model weights" in str(error)
+    assert "text_model.model.layers.2.self_attn.q_proj.weight" in str(error)

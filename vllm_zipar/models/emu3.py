@@ -2,7 +2,7 @@
 
 Follows transformers' `Emu3TextModel` (models/emu3/modeling_emu3.py): pre-norm Llama blocks with RMSNorm,
 SwiGLU, grouped-query attention, biases only where the config asks, and a 1D rotary embedding over the
-`rope_parameters` of `text_config` whose `rotate_half` pairs channel i with i + head_dim/2 (vLLM's neox style).
+`rope_parameters` of `text_config` whose `rotate_half` pairs channel i with i + head_dim/2 (neox style).
 Positions are used as the runner gives them, so ZipAR can feed raster positions. The head scores the full
 vocabulary; restricting it to visual tokens is the engine's job. The VQ in the same checkpoint is skipped
 here (`vq/emu3_vq.py` loads it).
@@ -239,7 +239,7 @@ class Emu3ForImageGeneration(nn.Module, SupportsPP):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        loaded: set[str] = set()  # checkpoint names (unfused, without the layout's prefix)
         unexpected: list[str] = []
         for key, tensor in weights:
             if key.startswith(_VQ_PREFIXES):
@@ -248,19 +248,15 @@ class Emu3ForImageGeneration(nn.Module, SupportsPP):
             if name is None:
                 unexpected.append(key)
                 continue
-            shard: object = None
-            stacked = _STACKED_KEY.match(name)
-            if stacked and stacked.group(2) in _STACKED:
-                fused, shard = _STACKED[stacked.group(2)]
-                name = f"{stacked.group(1)}{fused}{stacked.group(3)}"
-            if name == "lm_head.weight" and self.tie_word_embeddings:
+            param_name, shard = fused_param_name(name)
+            if param_name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied to embed_tokens
-            if is_pp_missing_parameter(name, self):
+            if is_pp_missing_parameter(param_name, self):
                 continue  # another pipeline rank holds it
-            if name not in params:
+            if param_name not in params:
                 unexpected.append(key)
                 continue
-            param = params[name]
+            param = params[param_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:
                 loader(param, tensor)
@@ -273,10 +269,33 @@ class Emu3ForImageGeneration(nn.Module, SupportsPP):
                 f"expected keys under {[p for p, _ in _TEXT_PREFIXES[:2]]}, 'lm_head.weight' or the VQ's "
                 f"{list(_VQ_PREFIXES)} (num_hidden_layers={self.text_config.num_hidden_layers})"
             )
-        missing = sorted(set(params) - loaded)
+        missing = sorted(
+            name for param_name in params for name in unfused_names(param_name) if name not in loaded
+        )
         if missing:
-            raise ValueError(f"Emu3 checkpoint: text-model weights missing for {missing[:8]} ({len(missing)})")
-        return loaded
+            raise ValueError(
+                f"Emu3 checkpoint: text-model weights missing for {missing[:8]} ({len(missing)})"
+            )
+        return set(params)
+
+
+def fused_param_name(name: str) -> tuple[str, object]:
+    """(our parameter, shard id or None) for an unfused checkpoint name (q/k/v -> qkv_proj, gate/up ->
+    gate_up_proj)."""
+    stacked = _STACKED_KEY.match(name)
+    if stacked and stacked.group(2) in _STACKED:
+        fused, shard = _STACKED[stacked.group(2)]
+        return f"{stacked.group(1)}{fused}{stacked.group(3)}", shard
+    return name, None
+
+
+def unfused_names(param_name: str) -> list[str]:
+    """The checkpoint names (after the layout prefix) that fill our parameter `param_name`."""
+    stacked = _STACKED_KEY.match(param_name)
+    if stacked is None:
+        return [param_name]
+    parts = [orig for orig, (fused, _) in _STACKED.items() if fused == stacked.group(2)]
+    return [f"{stacked.group(1)}{orig}{stacked.group(3)}" for orig in parts] or [param_name]
 
 
 def checkpoint_key_to_param(key: str) -> str | None:

@@ -1,9 +1,10 @@
 """Emu3 model directories: the token ids Emu3's image layout needs, and tiny random directories for tests.
 
-A real Emu3-Gen directory (Hugging Face layout, as `Emu3ForConditionalGeneration.save_pretrained` and the Hub's
-Emu3-Gen-hf write it) holds `config.json` (text and VQ configs plus `vocabulary_map`, the tokenizer's vocab),
-safetensors with the text model and the VQ, a byte-level BPE tokenizer whose special tokens the processor reads
-(`image_token`, `boi_token`, `eoi_token`, `image_wrapper_token`, `eof_token`) and the image processor's config.
+A real Emu3-Gen directory (Hugging Face layout, as `Emu3ForConditionalGeneration.save_pretrained` and the
+Hub's Emu3-Gen-hf write it) holds `config.json` (text and VQ configs plus `vocabulary_map`, the tokenizer's
+vocab), safetensors with the text model and the VQ, a byte-level BPE tokenizer whose special tokens the
+processor reads (`image_token`, `boi_token`, `eoi_token`, `image_wrapper_token`, `eof_token`) and the image
+processor's config.
 `write_random_emu3_dir` writes the same files at toy sizes, nothing downloaded; `Emu3Tokens` reads the ids of
 the visual codes and of the row/image closing tokens from any such config.
 """
@@ -90,7 +91,8 @@ class Emu3Tokens:
         vocab = config.vocabulary_map
         if not vocab:
             raise ValueError("the Emu3 config has no vocabulary_map")
-        missing = [t for t in (EOL_TOKEN, EOF_TOKEN, BOI_TOKEN, EOI_TOKEN, IMAGE_WRAPPER_TOKEN) if t not in vocab]
+        needed = (EOL_TOKEN, EOF_TOKEN, BOI_TOKEN, EOI_TOKEN, IMAGE_WRAPPER_TOKEN)
+        missing = [token for token in needed if token not in vocab]
         if missing:
             raise ValueError(f"vocabulary_map lacks Emu3's image tokens {missing}")
         start, stop = emu3_visual_tokens(vocab)
@@ -118,7 +120,7 @@ def _single_id(value: int | list[int] | None, name: str) -> int:
 
 
 def build_tiny_tokenizer(codebook_size: int):
-    """A byte-level BPE tokenizer in Emu3's shape: text (bytes + `_WORDS`), the special tokens, then the codes.
+    """A byte-level BPE tokenizer shaped like Emu3's: text (bytes + `_WORDS`), special tokens, then codes.
 
     Layout as in the real vocabulary (151,643 text tokens, specials, 32,768 visual tokens last), at toy size:
     byte-level so any prompt tokenizes, digits and `*` are single bytes (the prompt's "{h}*{w}").
@@ -226,8 +228,11 @@ def write_random_emu3_dir(
                 param.normal_(0.0, std)
     model.save_pretrained(model_dir)
     image_processor = Emu3ImageProcessor(
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], min_pixels=image_area // 4,
-        max_pixels=image_area * 4, spatial_factor=8,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        min_pixels=image_area // 4,
+        max_pixels=image_area * 4,
+        spatial_factor=8,
     )
     Emu3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(model_dir)
     return config

@@ -1,8 +1,9 @@
-"""Emu3's VQ decoder for serving: transformers' `Emu3VQVAE` with only its weights read from the model directory.
+"""Emu3's VQ decoder for serving: transformers' `Emu3VQVAE`, only its weights read from the model directory.
 
 The VQ shares the safetensors with the text model (`vqmodel.*` in the Hub's Emu3-Gen-hf and in what
-transformers 5's save_pretrained writes, `model.vqmodel.*` under transformers 5's module names); `load_emu3_vq` reads just those keys, checked against the module, into a float32
-model in eval mode, with the directory's image processor for the pixel postprocessing. `codes_to_pil` turns
+transformers 5's save_pretrained writes, `model.vqmodel.*` under transformers 5's module names);
+`load_emu3_vq` reads just those keys, checked against the module, into a float32 model in eval mode, with
+the directory's image processor for the pixel postprocessing. `codes_to_pil` turns
 grids of VQ code indices into PIL images exactly as `Emu3ForConditionalGeneration.decode_image_tokens` and
 `Emu3Processor.postprocess` do (one image per grid, 8 pixels per code on each side for the real VQ).
 """
@@ -61,7 +62,7 @@ def read_emu3_vq_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_emu3_vq(model_dir: str | Path, device: str | torch.device = "cpu") -> Emu3VQ:
-    """transformers' `Emu3VQVAE` for `model_dir`'s `vq_config`, float32, eval, with only the VQ weights read."""
+    """transformers' `Emu3VQVAE` for `model_dir`'s `vq_config` (float32, eval), only the VQ weights read."""
     from transformers import AutoConfig, Emu3ImageProcessor, Emu3VQVAE
 
     config = AutoConfig.from_pretrained(model_dir)
