@@ -301,3 +301,33 @@ def test_an_unexpected_text_weight_is_named(emu3_dir, tmp_path):
     error = start_engine_on_edited_weights(emu3_dir, tmp_path, add_a_third_layer)
     assert "unexpected text-model weights" in str(error)
     assert "text_model.model.layers.2.self_attn.q_proj.weight" in str(error)
+
+
+# --- tensor parallel ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.engine
+@pytest.mark.parallel
+def test_tensor_parallel_2_equals_transformers_generate(emu3_dir):
+    """TP=2 over vLLM's `mp` executor: each rank holds one of the two query heads and a replica of the single
+    KV head (fewer KV heads than ranks), and half of the MLP; the tokens still equal transformers'."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one OpenMP core list per rank
+        llm = LLM(
+            model=str(emu3_dir),
+            hf_overrides={"architectures": ["Emu3ForImageGeneration"]},
+            dtype="float32",
+            enforce_eager=True,
+            kv_cache_memory_bytes=TEST_KV_CACHE_BYTES,
+            max_model_len=512,
+            max_num_seqs=4,
+            tensor_parallel_size=2,
+            distributed_executor_backend="mp",
+        )
+    try:
+        prompt_ids = image_prompt_ids(emu3_dir)
+        assert vllm_greedy(llm, prompt_ids) == transformers_greedy(emu3_dir, prompt_ids)
+    finally:
+        close_llm(llm)
