@@ -311,10 +311,12 @@ def test_an_unexpected_text_weight_is_named(emu3_dir, tmp_path):
 def test_tensor_parallel_2_equals_transformers_generate(emu3_dir):
     """TP=2 over vLLM's `mp` executor: each rank holds one of the two query heads and a replica of the single
     KV head (fewer KV heads than ranks), and half of the MLP; the tokens still equal transformers'."""
-    from vllm import LLM
+    from vllm import LLM, envs
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one OpenMP core list per rank
+        # An earlier engine in this process froze vLLM's env reads (envs.enable_envs_cache): re-read them.
+        envs.disable_envs_cache()
         llm = LLM(
             model=str(emu3_dir),
             hf_overrides={"architectures": ["Emu3ForImageGeneration"]},
