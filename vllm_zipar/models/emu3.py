@@ -4,11 +4,10 @@ Follows transformers' `Emu3TextModel` (models/emu3/modeling_emu3.py): pre-norm L
 SwiGLU, grouped-query attention, biases only where the config asks, and a 1D rotary embedding over the
 `rope_parameters` of `text_config` whose `rotate_half` pairs channel i with i + head_dim/2 (neox style).
 Positions are used as the runner gives them, so ZipAR can feed raster positions. The head scores the full
-vocabulary; restricting it to visual tokens is the engine's job. The VQ in the same checkpoint is skipped
-here (`vq/emu3_vq.py` loads it).
-
-Engines select this class with `hf_overrides={"architectures": ["Emu3ForImageGeneration"]}`: vLLM's own
-registry sends the checkpoint's `Emu3ForConditionalGeneration` to its transformers backend.
+vocabulary; restricting it to visual tokens is the engine's job. The VQ in the same checkpoint is skipped here
+(`vq/emu3_vq.py` loads it). Engines select this class with `hf_overrides={"architectures":
+["Emu3ForImageGeneration"]}`: vLLM's own registry sends the checkpoint's `Emu3ForConditionalGeneration` to its
+transformers backend.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def emu3_text_config(config: Any) -> Any:
 def emu3_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]:
     """Engine kwargs (`vllm.LLM(**kwargs)`, `EngineArgs`) that run an Emu3 directory on this model class.
 
-    vLLM caps `max_model_len` at `text_config.max_position_embeddings` (9,216 for Emu3-Gen); a guided image
+    vLLM caps `max_model_len` at `text_config.max_position_embeddings` (9,216 by default); a guided image
     holds both prompts and both copies of the grid in one request, about twice that. Each stream keeps its
     own positions (the runner supplies them), so a longer request needs no new positions: raising the text
     config's `max_position_embeddings` through `hf_overrides` lifts the cap for this engine only (no global

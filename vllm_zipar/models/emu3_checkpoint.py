@@ -4,9 +4,8 @@ A real Emu3-Gen directory (Hugging Face layout, as `Emu3ForConditionalGeneration
 Hub's Emu3-Gen-hf write it) holds `config.json` (text and VQ configs plus `vocabulary_map`, the tokenizer's
 vocab), safetensors with the text model and the VQ, a byte-level BPE tokenizer whose special tokens the
 processor reads (`image_token`, `boi_token`, `eoi_token`, `image_wrapper_token`, `eof_token`) and the image
-processor's config.
-`write_random_emu3_dir` writes the same files at toy sizes, nothing downloaded; `Emu3Tokens` reads the ids of
-the visual codes and of the row/image closing tokens from any such config.
+processor's config. `write_random_emu3_dir` writes the same files at toy sizes, nothing downloaded;
+`Emu3Tokens` reads the ids of the visual codes and of the row/image closing tokens from any such config.
 """
 
 from __future__ import annotations
