@@ -10,6 +10,7 @@ from __future__ import annotations
 
 MODEL_CLASSES = {
     "LlamaGenForImageGeneration": "vllm_zipar.models.llamagen:LlamaGenForImageGeneration",
+    "Emu3ForImageGeneration": "vllm_zipar.models.emu3:Emu3ForImageGeneration",
 }
 
 
