@@ -2,6 +2,8 @@
 
     python benchmarks/zipar_vs_ntp.py            # LlamaGen-B shape, 24x24 grid, windows 16/12/8/4
     python benchmarks/zipar_vs_ntp.py --quick    # small model, 16x16 grid: a smoke run of a minute or two
+    python benchmarks/zipar_vs_ntp.py --emu3     # the Emu3 section: text prompt, 90x90 grid with EOLs
+                                                 # (zipar_vs_ntp_emu3.py; add --quick for a 16x16 smoke run)
 
 Without guidance (cfg 1) every window runs; with classifier-free guidance (`--cfg-scale`, default 2.0) NTP
 and `--cfg-windows` (default 8 and 4) run, each guided image being one request holding both sequences. A
@@ -54,6 +56,11 @@ def measure(generator, label: str, window: int | None, cfg_scale: float, in_flig
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--emu3" in argv:
+        from zipar_vs_ntp_emu3 import main as emu3_main
+
+        return emu3_main([arg for arg in argv if arg != "--emu3"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

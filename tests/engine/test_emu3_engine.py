@@ -17,7 +17,9 @@ import torch
 
 from tests.engine.conftest import kv_cache_usage
 from tests.engine.test_zipar_scheduling import scheduler_of
-from tests.reference.emu3_decoders import reference_from_hf_dir, zipar_decode_eol
+from tests.reference.emu3_decoders import zipar_decode_eol
+from tests.reference.emu3_hf import Emu3SpecialIds, hf_generate_image
+from tests.reference.emu3_text import ReferenceEmu3
 from vllm_zipar.engine.attention_backends import ATTENTION_ENV
 from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
 from vllm_zipar.serving.offline import ImageGenerator
@@ -64,7 +66,7 @@ def hf_model(model_dir):
 
 @pytest.fixture(scope="module")
 def oracle(hf_model):
-    return reference_from_hf_dir(hf_model)
+    return ReferenceEmu3.from_hf(hf_model)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -95,31 +97,21 @@ def expected(generator, oracle, prompt, size, window, *, negative=None, scale=1.
 
 
 def hf_generate(hf_model, generator, prompt_ids, rows, cols, *, negative_ids=None, scale=1.0):
-    """transformers' greedy generate() with Emu3's logits constraints (its documented prefix function)."""
+    """transformers' greedy generate() with Emu3's logits constraints: the [rows, cols] grid (the EOLs and
+    closing tokens it forced are checked)."""
     model = generator.model
-    eol, (eof, eoi, eos) = model.eol_token, model.closing_tokens
-    visual = list(range(model.visual_tokens.start, model.visual_tokens.stop))
-    prompt_len = len(prompt_ids)
-
-    def allowed(batch_id, input_ids):
-        offset = input_ids.shape[0] - prompt_len + 1  # 1 for the first generated token
-        if offset % (cols + 1) == 0 and offset <= rows * (cols + 1):
-            return [eol]
-        closing = offset - rows * (cols + 1)
-        if closing in (1, 2, 3):
-            return [(eof, eoi, eos)[closing - 1]]
-        return visual
-
-    kwargs = {}
-    if negative_ids is not None:
-        kwargs = dict(negative_prompt_ids=torch.tensor([negative_ids]), guidance_scale=scale)
-    out = hf_model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=rows * (cols + 1) + 3, do_sample=False,
-        prefix_allowed_tokens_fn=allowed, **kwargs,
-    )[0, prompt_len:]
+    tokens = model.tokens
+    ids = Emu3SpecialIds(
+        image_wrapper=prompt_ids[-1], eol=tokens.eol, eof=tokens.eof, image_end=tokens.eoi, eos=tokens.eos,
+        pad=tokens.pad, visual=(tokens.visual_start, tokens.visual_stop),
+    )
+    out = torch.tensor(
+        hf_generate_image(hf_model, prompt_ids, rows, cols, ids, negative_prompt_ids=negative_ids,
+                          guidance_scale=scale)
+    )
     grid = out[: rows * (cols + 1)].view(rows, cols + 1)
-    assert (grid[:, cols] == eol).all()
-    assert out[rows * (cols + 1) :].tolist() == [eof, eoi, eos]
+    assert (grid[:, cols] == tokens.eol).all()
+    assert out[rows * (cols + 1) :].tolist() == list(model.closing_tokens)
     return grid[:, :cols]
 
 
@@ -166,8 +158,9 @@ def test_zipar_greedy_and_seeded_equal_the_oracle(engine, oracle, window):
 
 def test_window_of_the_width_equals_ntp(engine):
     _, generator = engine
-    ntp = generator.generate(["a red cat"], size="64x64", decoding="ntp", seeds=[5], cfg_scale=1.0, **SAMPLING)
-    wide = generator.generate(["a red cat"], size="64x64", zipar_window=8, seeds=[5], cfg_scale=1.0, **SAMPLING)
+    kwargs = dict(size="64x64", seeds=[5], cfg_scale=1.0, **SAMPLING)
+    ntp = generator.generate(["a red cat"], decoding="ntp", **kwargs)
+    wide = generator.generate(["a red cat"], zipar_window=8, **kwargs)
     assert torch.equal(ntp[0].tokens, wide[0].tokens)
     assert ntp[0].passes == wide[0].passes == 64
 
@@ -218,11 +211,12 @@ def test_a_staggered_mixed_batch_of_sizes_equals_the_oracle(engine, oracle):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forced_preemption_keeps_every_image_exact(backend, model_dir, oracle):
-    # 12 blocks of 32 tokens: a guided image holds ~5 of them, so the scheduler must preempt (recompute)
-    # others; a 32-token budget cuts the recomputes into chunks.
+    # 12 blocks of 32 tokens: a guided image holds ~6 of them, so the scheduler must preempt (recompute)
+    # others; a 32-token budget cuts the recomputes into chunks. max_model_len fits the largest request
+    # here (the model's default reserves room for 512-token prompts).
     generator = engine_on(
         backend, model_dir, max_num_seqs=6, block_size=32, num_gpu_blocks_override=12,
-        max_num_batched_tokens=32, enable_chunked_prefill=True,
+        max_num_batched_tokens=32, enable_chunked_prefill=True, max_model_len=352,
     )
     with generator:
         finished = run_staggered(generator, every=2, batch=3)

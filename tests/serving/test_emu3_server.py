@@ -1,6 +1,6 @@
-"""`vllm serve EMU3_DIR --decoding zipar` through the `openai` client: a text prompt in, a PNG of the requested
-size out, tokens equal to the EOL-grid oracle; bad sizes, guidance values and negative prompts are 400s
-naming the field, and the server keeps serving. The model is a tiny random Hugging Face Emu3 directory."""
+"""`vllm serve EMU3_DIR --decoding zipar` through the `openai` client: a text prompt in, a PNG of the
+requested size out, tokens equal to the EOL-grid oracle; bad sizes, guidance values and negative prompts
+are 400s naming the field, and the server keeps serving. The model is a tiny random HF Emu3 directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.reference.emu3_decoders import reference_from_hf_dir, zipar_decode_eol
+from tests.reference.emu3_decoders import zipar_decode_eol
+from tests.reference.emu3_text import ReferenceEmu3
 from tests.serving.conftest import SERVER_ARGS
 from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
 from vllm_zipar.models.registry import load_image_model
@@ -81,7 +82,7 @@ def test_tokens_equal_the_oracle(served, client):
     size = model.size("56x72")
     hf = Emu3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected, _ = zipar_decode_eol(
-        reference_from_hf_dir(hf), model.prompt_ids("a blue dog", size), 9, 7, eol_id=model.eol_token,
+        ReferenceEmu3.from_hf(hf), model.prompt_ids("a blue dog", size), 9, 7, eol_id=model.eol_token,
         visual=(model.visual_tokens.start, model.visual_tokens.stop), window=2,
         negative_prompt_ids=model.unconditional_prompt_ids(NEGATIVE, size), cfg_scale=3.0, temperature=0.0,
     )

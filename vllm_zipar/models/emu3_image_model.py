@@ -3,11 +3,12 @@
 Prompts follow transformers' `Emu3Processor(..., return_for_image_generation=True)`: BOS + text +
 `<|image start|>` + "H*W" + `<|image token|>`, tokenized by the model's own tokenizer; every row of W visual
 tokens ends with the EOL token `<|extra_200|>`, and EOF, image end and EOS close the image (forced, never
-sampled). Sizes are the processor's: an aspect ratio at a fixed pixel area (518,400 = 720x720, 90x90 tokens),
-downsampled 8x. Guidance runs against a negative prompt (its own length); defaults follow the Emu3 authors'
-generation example (BAAI/Emu3 `image_generation.py`): scale 3.0, top-k 2048, a quality suffix on the prompt
-and a fixed negative prompt. A model directory may override them in an optional `zipar.json`
-(`image_area`, `ratios`, `positive_prompt_suffix`, `negative_prompt`, `sampling_defaults`).
+sampled). Sizes are the processor's: an aspect ratio at a fixed pixel area (518,400 = 720x720, 90x90
+tokens; a tokenizer config may set its own `image_area`, the processor's default), downsampled 8x.
+Guidance runs against a negative prompt (its own length); defaults follow the Emu3 authors' generation
+example (BAAI/Emu3 `image_generation.py`): scale 3.0, top-k 2048, a quality suffix on the prompt and a fixed
+negative prompt. A model directory may override them in an optional `zipar.json` (`image_area`, `ratios`,
+`positive_prompt_suffix`, `negative_prompt`, `sampling_defaults`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from vllm_zipar.models.emu3_checkpoint import BOI_TOKEN, IMAGE_WRAPPER_TOKEN, Emu3Tokens
 from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError, VisualTokens, quote
 
 DOWNSAMPLE = 8  # Emu3VQVAE: 8x8 pixels per token (Emu3Processor.downsample_ratio)
@@ -35,12 +37,6 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
 }
 MAX_PROMPT_TOKENS = 512  # per prompt; bounds max_model_len
-EOL = "<|extra_200|>"
-EOF_TOKEN = "<|extra_201|>"
-IMAGE_START = "<|image start|>"
-IMAGE_END = "<|image end|>"
-IMAGE_WRAPPER = "<|image token|>"
-VISUAL_PREFIX = "<|visual token "
 OPTIONS_FILE = "zipar.json"
 
 
@@ -79,39 +75,20 @@ class Emu3ImageModel(ImageModel):
     # ------------------------------------------------------------------ engine side
 
     @cached_property
-    def vocabulary(self) -> dict[str, int]:
-        vocab = getattr(self.hf_config, "vocabulary_map", None)
-        if not vocab:
-            raise ValueError("this Emu3 config has no vocabulary_map (the tokenizer's vocabulary)")
-        return vocab
+    def tokens(self) -> Emu3Tokens:
+        return Emu3Tokens.from_config(self.hf_config)
 
-    def _token(self, name: str) -> int:
-        if name not in self.vocabulary:
-            raise ValueError(f"the Emu3 vocabulary has no {name!r} token")
-        return int(self.vocabulary[name])
-
-    @cached_property
+    @property
     def visual_tokens(self) -> VisualTokens:
-        codes = sorted(
-            (int(name[len(VISUAL_PREFIX) : -2]), int(token_id))
-            for name, token_id in self.vocabulary.items()
-            if name.startswith(VISUAL_PREFIX)
-        )
-        if not codes:
-            raise ValueError("the Emu3 vocabulary has no visual tokens")
-        start = codes[0][1]
-        if any(code != i or token_id != start + i for i, (code, token_id) in enumerate(codes)):
-            raise ValueError("the Emu3 visual tokens are not one contiguous run of ids in code order")
-        return VisualTokens(start, start + len(codes))
+        return VisualTokens(self.tokens.visual_start, self.tokens.visual_stop)
 
     @property
     def eol_token(self) -> int:
-        return self._token(EOL)
+        return self.tokens.eol
 
     @property
     def closing_tokens(self) -> tuple[int, ...]:
-        eos = self.hf_config.text_config.eos_token_id
-        return self._token(EOF_TOKEN), self._token(IMAGE_END), int(eos)
+        return self.tokens.eof, self.tokens.eoi, self.tokens.eos
 
     @property
     def default_grid(self) -> tuple[int, int]:
@@ -126,8 +103,17 @@ class Emu3ImageModel(ImageModel):
 
     # ------------------------------------------------------------------ front-end side
 
+    @cached_property
+    def image_area(self) -> int:
+        """Pixels of a generated image: zipar.json, else the tokenizer config's (the processor's default)."""
+        if "image_area" in self.options:
+            return int(self.options["image_area"])
+        path = self.model_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(path.read_text()) if path.is_file() else {}
+        return int(tokenizer_config.get("image_area", IMAGE_AREA))
+
     def sizes(self) -> list[ImageSize]:
-        area = int(self.options.get("image_area", IMAGE_AREA))
+        area = self.image_area
         sizes: list[ImageSize] = []
         for ratio in self.options.get("ratios", RATIOS):
             rows, cols = generate_grid(ratio, area)
@@ -156,9 +142,8 @@ class Emu3ImageModel(ImageModel):
         """Token ids of Emu3Processor's generation prompt for `text` at `size` (BOS added as it does)."""
         rows, cols = size.grid
         tokenizer = self.tokenizer
-        ids = tokenizer(
-            f"{tokenizer.bos_token}{text}{IMAGE_START}{rows}*{cols}{IMAGE_WRAPPER}", add_special_tokens=False
-        )["input_ids"]
+        text = f"{tokenizer.bos_token}{text}{BOI_TOKEN}{rows}*{cols}{IMAGE_WRAPPER_TOKEN}"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > MAX_PROMPT_TOKENS:
             raise PromptError(
                 f"the prompt is {len(ids)} tokens long; this server takes at most {MAX_PROMPT_TOKENS}",
@@ -211,7 +196,7 @@ class Emu3PixelDecoder:
         self.vq = load_emu3_vq(model_dir)
 
     def cuda(self) -> Emu3PixelDecoder:
-        self.vq = self.vq.cuda()
+        self.vq.model = self.vq.model.cuda()
         return self
 
     def to_pil_images(self, grid_ids):
@@ -220,4 +205,4 @@ class Emu3PixelDecoder:
         codes = grid_ids.long() - self.visual.start
         if codes.min() < 0 or codes.max() >= self.visual.count:
             raise ValueError("a grid holds ids outside the visual tokens")
-        return codes_to_pil(self.vq, codes.to(next(self.vq.parameters()).device))
+        return codes_to_pil(self.vq, codes)

@@ -50,7 +50,7 @@ def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window:
     start = time.perf_counter()
     with ImageGenerator(model_dir) as generator:
         started = time.perf_counter()
-        count = min(num_classes, generator.config.num_classes)
+        count = min(num_classes, generator.model.describe().get("num_classes") or num_classes)
         labels = list(range(count))
         seeds = [seed + c for c in labels]
         ntp = generator.generate(labels, seeds=seeds, decoding="ntp")
@@ -78,13 +78,14 @@ def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, 
 
     from openai import OpenAI
 
-    from vllm_zipar.models.model_dir import load_config
+    from vllm_zipar.models.registry import load_image_model
     from vllm_zipar.serving.launch import ServedModel
     from vllm_zipar.zipar.plan import zipar_steps
 
-    config = load_config(model_dir)
-    count = min(num_classes, config.num_classes)
-    grid = config.grid_size
+    image_model = load_image_model(model_dir)
+    count = min(num_classes, image_model.describe().get("num_classes") or num_classes)
+    size = image_model.native_size
+    rows, cols = size.grid
     log_path = out.with_name("demo_server.log")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -94,11 +95,12 @@ def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, 
         model = client.models.list().data[0].id
         images, names = [], []
         for label in range(count):
-            for decoding, passes in [("ntp", grid * grid), ("zipar", zipar_steps(grid, grid, window, False))]:
+            eol = image_model.eol_token is not None
+            for decoding, passes in [("ntp", rows * cols), ("zipar", zipar_steps(rows, cols, window, eol))]:
                 response = client.images.generate(
                     model=model,
                     prompt=str(label),
-                    size=f"{config.image_size}x{config.image_size}",
+                    size=size.name,
                     response_format="b64_json",
                     extra_body={"seed": seed + label, "decoding": decoding}
                     | ({"zipar_window": window} if decoding == "zipar" else {}),

@@ -1,0 +1,34 @@
+"""The engine and the front-ends reach model families only through the image-model interface.
+
+Every import of `vllm_zipar.models` from `engine/` or `serving/` must be of `image_model` (the interface) or
+`registry` (which family serves a directory), so adding a family touches `models/` and the registry only.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vllm_zipar"
+ALLOWED = {"vllm_zipar.models.image_model", "vllm_zipar.models.registry"}
+
+
+def model_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+    return [name for name in names if name.startswith("vllm_zipar.models")]
+
+
+@pytest.mark.parametrize("layer", ["engine", "serving"])
+def test_engine_and_serving_import_no_model_family(layer):
+    offending = {
+        str(path.relative_to(PACKAGE)): sorted(set(model_imports(path)) - ALLOWED)
+        for path in sorted((PACKAGE / layer).rglob("*.py"))
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
