@@ -24,6 +24,17 @@ def test_every_cell_has_a_pass_and_the_last_one_is_the_engines_count(window, unc
         assert list(steps) == list(range(steps[0], steps[0] + 16))
 
 
+@pytest.mark.parametrize("window", [None, 1, 3, 5])
+@pytest.mark.parametrize("uncond", [None, 4])
+def test_eol_grids_start_each_row_window_passes_after_the_row_above(window, uncond):
+    # Emu3's layout: an EOL column the plan feeds but never samples; a different unconditional length.
+    layout = GridLayout(prompt_len=7, height=4, width=5, eol=True, eol_token=99)
+    order = sampled_at(layout, window, uncond)
+    assert len(order) == 20 and passes_for(order) == zipar_steps(4, 5, window, True)
+    w = 5 if window is None else window
+    assert [order[row * 5] for row in range(4)] == [row * w for row in range(4)]
+
+
 def test_ntp_samples_cell_n_in_pass_n_and_zipar_starts_rows_window_passes_apart():
     layout = GridLayout(prompt_len=1, height=6, width=6)
     assert sampled_at(layout, None) == tuple(range(36))

@@ -26,7 +26,7 @@ def sampled_at(
     while inputs:
         predicted = [f for f in inputs if f.predicts is not None and f.stream != UNCONDITIONAL]
         for f in predicted:
-            passes[f.predicts - layout.prompt_len] = f.step
+            passes[layout.image_index(f.predicts)] = f.step
         plan.record([0] * len(predicted))
         inputs = plan.next_inputs()
     return tuple(passes[cell] for cell in range(layout.height * layout.width))
