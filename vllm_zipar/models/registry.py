@@ -1,7 +1,8 @@
 """Which `ImageModel` serves a model directory: chosen by its config's `model_type`, nowhere else.
 
-Adding a family means adding its `ImageModel` here (and its vLLM model class in `plugin.py`); the engine and
-the front-ends only ever call `image_model_for_config` / `load_image_model`.
+Adding a family means adding its entries here: its `ImageModel`, its vLLM model class, and its transformers
+config class if transformers lacks one (`plugin.py` registers the last two with vLLM and transformers). The
+engine and the front-ends only ever call `image_model_for_config` / `load_image_model`.
 """
 
 from __future__ import annotations
@@ -19,21 +20,35 @@ IMAGE_MODELS = {
 }
 
 
+# vLLM architecture name -> "module:Class" of our vLLM model class (ModelRegistry takes the string lazily).
+VLLM_MODEL_CLASSES = {
+    "LlamaGenForImageGeneration": "vllm_zipar.models.llamagen:LlamaGenForImageGeneration",
+    "Emu3ForImageGeneration": "vllm_zipar.models.emu3:Emu3ForImageGeneration",
+}
+# model_type -> "module:Class" of a transformers config that transformers itself does not know.
+CONFIG_CLASSES = {"llamagen": "vllm_zipar.models.llamagen_config:LlamaGenConfig"}
+
+
+def import_target(target: str):
+    """The object a "module:Name" string names."""
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class NotAnImageModel(ValueError):
     """The directory's model is not one vllm-zipar serves."""
 
 
 def _image_model_class(model_type: str) -> type[ImageModel]:
-    import importlib
-
     target = IMAGE_MODELS.get(model_type)
     if target is None:
         raise NotAnImageModel(
             f"model_type {model_type!r} is not an image model vllm-zipar serves "
             f"(known: {sorted(IMAGE_MODELS)})"
         )
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    return import_target(target)
 
 
 def image_model_for_config(model_dir: str | Path, hf_config: Any) -> ImageModel:
