@@ -244,7 +244,9 @@ def wait_until_admitted(server: ServedModel, engine_requests: int) -> None:
 
 
 def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory):
-    server = start_server(tmp_path_factory, "engine-death")
+    # One engine slot: the heavy requests then outlast the admission wait even on an idle machine, where the
+    # API server may answer `/metrics` only after seconds (see test_sigterm_drains_then_exits).
+    server = start_server(tmp_path_factory, "engine-death", ("--max-num-seqs", "1"))
     try:
         with ThreadPoolExecutor(48) as pool:
             inflight = [pool.submit(post, server, {**HEAVY, "seed": i}, MARGIN) for i in range(48)]
