@@ -32,3 +32,35 @@ def test_engine_and_serving_import_no_model_family(layer):
         for path in sorted((PACKAGE / layer).rglob("*.py"))
     }
     assert {path: names for path, names in offending.items() if names} == {}
+
+
+def imports_of(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+    return names
+
+
+def test_models_import_neither_engine_nor_serving():
+    """Families build plain vLLM layers; the engine chooses their attention (engine/attention_backends.py)."""
+    upward = ("vllm_zipar.engine", "vllm_zipar.serving")
+    offending = {
+        str(path.relative_to(PACKAGE)): [name for name in imports_of(path) if name.startswith(upward)]
+        for path in sorted((PACKAGE / "models").rglob("*.py"))
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_zipar_planning_is_pure_python():
+    """Layer 1 imports neither torch nor vLLM nor any layer above it."""
+    banned = ("torch", "vllm.", "vllm_zipar.models", "vllm_zipar.engine", "vllm_zipar.serving")
+    offending = {
+        str(path.relative_to(PACKAGE)): [
+            name for name in imports_of(path) if name in ("torch", "vllm") or name.startswith(banned)
+        ]
+        for path in sorted((PACKAGE / "zipar").rglob("*.py"))
+    }
+    assert {path: names for path, names in offending.items() if names} == {}

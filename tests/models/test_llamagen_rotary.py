@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_zipar.models.llamagen import LlamaGenRotary, apply_llamagen_rope, llamagen_rope_table
+from vllm_zipar.models.llamagen import LlamaGenRotaryEmbedding, apply_llamagen_rope, llamagen_rope_table
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 
 
@@ -17,7 +17,8 @@ def test_fused_rotary_equals_the_authors_formula(dim, n_head, n_kv_head):
     )
     head_dim = config.rope_head_dim
     table = llamagen_rope_table(config)
-    cache = torch.cat([table[..., 0], table[..., 1]], -1)
+    rotary = LlamaGenRotaryEmbedding(config)
+    assert torch.equal(rotary.table, table)
     positions = torch.tensor([0, 1, 5, 17, 40, 64])  # 0: the class token (zero rows)
     tokens = len(positions)
     qkv = torch.randn(tokens, (n_head + 2 * n_kv_head) * head_dim, generator=torch.Generator().manual_seed(0))
@@ -25,14 +26,14 @@ def test_fused_rotary_equals_the_authors_formula(dim, n_head, n_kv_head):
     expected_q = apply_llamagen_rope(q.reshape(tokens, n_head, head_dim), table[positions])
     expected_k = apply_llamagen_rope(k.reshape(tokens, n_kv_head, head_dim), table[positions])
 
-    fused = LlamaGenRotary(positions, table, cache, torch.float32)
-    assert fused.fused
-    got_q, got_k = fused.rotate(q, k, head_dim)  # in place on views of qkv, as in the model
+    assert rotary.uses_fused_op(torch.float32)
+    got_q, got_k = rotary(positions, q, k)  # in place on views of qkv, as in the model
+    got_q, got_k = got_q.view(tokens, n_head, head_dim), got_k.view(tokens, n_kv_head, head_dim)
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
     assert torch.equal(got_q[0], torch.zeros_like(got_q[0]))  # class-token rows rotate to zero
 
-    plain = LlamaGenRotary(positions, table, cache, torch.bfloat16)
-    assert not plain.fused
+    assert not rotary.uses_fused_op(torch.bfloat16)
     q16, k16 = q.to(torch.bfloat16), k.to(torch.bfloat16)
-    got_q16, _ = plain.rotate(q16, k16, head_dim)
+    got_q16, _ = rotary(positions, q16, k16)
+    got_q16 = got_q16.view(tokens, n_head, head_dim)
     assert torch.equal(got_q16, apply_llamagen_rope(q16.reshape(tokens, n_head, head_dim), table[positions]))

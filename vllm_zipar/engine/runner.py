@@ -19,7 +19,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_zipar.engine.attention_backends import attention_choice
+from vllm_zipar.engine.attention_backends import attention_choice, layers_without_zipar_attention
 from vllm_zipar.engine.attention_mask import ImageKeyMetadata, ZipARAttentionInputs
 from vllm_zipar.engine.request_config import image_model_of
 from vllm_zipar.engine.sampling import sample_cells
@@ -42,7 +42,8 @@ class ZipARRunnerMixin:
         # Grid cells are sampled from the visual tokens' logits only; text, EOL and closing ids are forced.
         self._visual_tokens = image_model_of(self.vllm_config).visual_tokens  # type: ignore[attr-defined]
         choice = attention_choice()
-        self._has_zipar_attention = choice is not None
+        # Filled by load_model: attention layers that would decode a masked step causally (must be none).
+        self._unmasked_layers = [] if choice is not None else ["(no ZipAR backend on this platform)"]
         # FlexAttention takes the ZipAR mask as device buffers the runner fills per step; the CPU backend
         # reads the step's `ZipARAttentionInputs` from the metadata.
         self._flex_masks = None
@@ -50,6 +51,10 @@ class ZipARRunnerMixin:
             from vllm_zipar.engine.flex_attention import ZipARFlexMasks
 
             self._flex_masks = ZipARFlexMasks(self.max_num_reqs, self.max_model_len)  # type: ignore[attr-defined]
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)  # type: ignore[misc]
+        self._unmasked_layers = layers_without_zipar_attention(self.vllm_config)  # type: ignore[attr-defined]
 
     def _update_states(self, scheduler_output):  # type: ignore[override]
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
@@ -134,11 +139,14 @@ class ZipARRunnerMixin:
     def _build_attention_metadata(self, *args, **kwargs):  # type: ignore[override]
         attn_metadata, spec_common = super()._build_attention_metadata(*args, **kwargs)  # type: ignore[misc]
         attention = self._step_attention
-        if attention is not None and attention.masked and not self._has_zipar_attention:
-            # Front-ends refuse such requests; this guards direct engine use (extra_args).
+        if attention is not None and attention.masked and self._unmasked_layers:
+            # Front-ends refuse such requests on platforms without the mask; this guards direct engine use
+            # (extra_args) and a model whose layers did not get the ZipAR backend: never decode causally.
             raise RuntimeError(
-                "a ZipAR-masked step reached a platform without a ZipAR attention backend (vLLM's CPU "
-                "platform and CUDA have one): its tokens would be wrong"
+                f"a ZipAR-masked step reached attention layers without the ZipAR mask "
+                f"({', '.join(self._unmasked_layers[:4])}; {len(self._unmasked_layers)} in all): its tokens "
+                "would be wrong. Image engines need vllm-zipar's worker (worker_cls) on vLLM's CPU platform "
+                "or CUDA"
             )
         if attention is not None and isinstance(attn_metadata, dict):
             for metadata in {id(m): m for m in attn_metadata.values()}.values():

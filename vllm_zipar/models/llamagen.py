@@ -18,31 +18,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP
-from vllm.model_executor.models.utils import (
-    PPMissingLayer,
-    is_pp_missing_parameter,
-    make_empty_intermediate_tensors_factory,
-    make_layers,
-)
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_zipar.engine.attention_backends import zipar_attention_backend
+from vllm_zipar.models.llama_decoder import DecoderSpec, LlamaStyleDecoder, ParamLoader
 from vllm_zipar.models.llamagen_checkpoint import check_gpt_state_dict, unwrap_authors_layout
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 
@@ -80,126 +64,68 @@ def vllm_has_rotary_op() -> bool:
     return hasattr(torch.ops._C, "rotary_embedding")
 
 
-class LlamaGenRotary:
-    """One step's 2D rotary embedding for every layer: the table rows of the step's raster positions.
+class LlamaGenRotaryEmbedding(nn.Module):
+    """The 2D rotary embedding as a rotary module of the shared decoder: `(positions, q, k) -> (q, k)` on flat
+    `[tokens, heads * head_dim]` views, rotating by the table rows of the positions (raster indices, class
+    prefix first). One instance serves every layer.
 
     In float32 it runs as vLLM's fused `rotary_embedding` op (GPT-J style: interleaved pairs, as the authors
-    rotate), in place on the q and k views of the fused projection: one call per layer instead of ~16
-    tensor ops, bit-identical to `apply_llamagen_rope` (tests/models). Other dtypes keep the authors'
-    formula, which rotates in float32 (vLLM's op would round the table to the activations' dtype).
+    rotate), in place on the q and k views of the fused projection, bit-identical to `apply_llamagen_rope`
+    (tests/models). Other dtypes keep the authors' formula, which rotates in float32 (vLLM's op would round
+    the table to the activations' dtype).
     """
 
-    def __init__(
-        self, positions: torch.Tensor, table: torch.Tensor, cos_sin_cache: torch.Tensor, dtype
-    ) -> None:
-        self.fused = dtype == torch.float32 and vllm_has_rotary_op()
-        self.positions = positions
-        self.cos_sin_cache = cos_sin_cache
-        self.cos_sin = None if self.fused else table[positions]
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim] -> rotated, [tokens, heads, dim]."""
-        tokens = q.shape[0]
-        if self.fused:
-            torch.ops._C.rotary_embedding(self.positions, q, k, head_dim, self.cos_sin_cache, False)
-            return q.view(tokens, -1, head_dim), k.view(tokens, -1, head_dim)
-        return (
-            apply_llamagen_rope(q.view(tokens, -1, head_dim), self.cos_sin),
-            apply_llamagen_rope(k.view(tokens, -1, head_dim), self.cos_sin),
-        )
-
-
-class LlamaGenAttention(nn.Module):
-    def __init__(self, config: LlamaGenConfig, vllm_config: VllmConfig, prefix: str) -> None:
+    def __init__(self, config: LlamaGenConfig) -> None:
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
-        if config.n_head % tp or config.n_kv_head % tp:
-            raise ValueError(
-                f"tensor_parallel_size {tp} must divide n_head {config.n_head} "
-                f"and n_kv_head {config.n_kv_head}"
-            )
-        self.num_heads = config.n_head // tp
-        self.num_kv_heads = config.n_kv_head // tp
         self.head_dim = config.rope_head_dim
-        # Heads of unsupported sizes (GPT-3B: 100) run padded with zero channels: zeros add nothing to q·k,
-        # the padded v channels come out zero and are cut off, and the scale stays the real head dim's.
-        self.kernel_head_dim = config.head_dim
-        self.wqkv = QKVParallelLinear(
-            config.dim, self.head_dim, config.n_head, config.n_kv_head, bias=False, prefix=f"{prefix}.wqkv"
-        )
-        self.wo = RowParallelLinear(
-            config.n_head * self.head_dim, config.dim, bias=False, prefix=f"{prefix}.wo"
-        )
-        self.attn = Attention(
-            self.num_heads,
-            self.kernel_head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
-            cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn",
-            attn_backend=zipar_attention_backend(),
+        self.register_buffer("table", llamagen_rope_table(config), persistent=False)
+        # The same table as vLLM's rotary op reads it: [positions, head_dim] = (cos..., sin...).
+        self.register_buffer(
+            "cos_sin_cache", torch.cat([self.table[..., 0], self.table[..., 1]], -1), persistent=False
         )
 
-    def _to_kernel_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        if self.kernel_head_dim == self.head_dim:
-            return x.reshape(x.shape[0], -1)
-        x = nn.functional.pad(x, (0, self.kernel_head_dim - self.head_dim))
-        return x.reshape(x.shape[0], heads * self.kernel_head_dim)
+    def uses_fused_op(self, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and vllm_has_rotary_op()
 
-    def forward(self, hidden: torch.Tensor, rotary: LlamaGenRotary) -> torch.Tensor:
-        qkv, _ = self.wqkv(hidden)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        tokens = hidden.shape[0]
-        q, k = rotary.rotate(q, k, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(
-            self._to_kernel_heads(q, self.num_heads),
-            self._to_kernel_heads(k, self.num_kv_heads),
-            self._to_kernel_heads(v, self.num_kv_heads),
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uses_fused_op(q.dtype):
+            torch.ops._C.rotary_embedding(positions, q, k, self.head_dim, self.cos_sin_cache, False)
+            return q, k
+        cos_sin = self.table[positions]
+        tokens = q.shape[0]
+        return (
+            apply_llamagen_rope(q.reshape(tokens, -1, self.head_dim), cos_sin).reshape(tokens, -1),
+            apply_llamagen_rope(k.reshape(tokens, -1, self.head_dim), cos_sin).reshape(tokens, -1),
         )
-        if self.kernel_head_dim != self.head_dim:
-            out = out.view(tokens, self.num_heads, self.kernel_head_dim)[..., : self.head_dim]
-        out, _ = self.wo(out.reshape(tokens, q_size))
-        return out
 
 
-class LlamaGenFeedForward(nn.Module):
-    def __init__(self, config: LlamaGenConfig, prefix: str) -> None:
-        super().__init__()
-        hidden = config.ffn_hidden_dim
-        # w1 (gate) and w3 (up) fused in that order, so SiluAndMul computes silu(w1·x) * w3·x.
-        self.w13 = MergedColumnParallelLinear(
-            config.dim, [hidden, hidden], bias=False, prefix=f"{prefix}.w13"
-        )
-        self.w2 = RowParallelLinear(hidden, config.dim, bias=False, prefix=f"{prefix}.w2")
-        self.act = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.w13(x)
-        out, _ = self.w2(self.act(gate_up))
-        return out
+def llamagen_decoder_spec(config: LlamaGenConfig) -> DecoderSpec:
+    """LlamaGen's GPT as a Llama-style `DecoderSpec` (no biases; heads padded to a kernel size if needed)."""
+    return DecoderSpec(
+        hidden_size=config.dim,
+        num_layers=config.n_layer,
+        num_heads=config.n_head,
+        num_kv_heads=config.n_kv_head,
+        head_dim=config.rope_head_dim,
+        intermediate_size=config.ffn_hidden_dim,
+        rms_norm_eps=config.norm_eps,
+        kernel_head_dim=config.head_dim,
+    )
 
 
-class LlamaGenBlock(nn.Module):
-    def __init__(self, config: LlamaGenConfig, vllm_config: VllmConfig, prefix: str) -> None:
-        super().__init__()
-        self.attention = LlamaGenAttention(config, vllm_config, prefix=f"{prefix}.attention")
-        self.feed_forward = LlamaGenFeedForward(config, prefix=f"{prefix}.feed_forward")
-        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
-
-    def forward(self, x: torch.Tensor, rotary: LlamaGenRotary) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rotary)
-        return h + self.feed_forward(self.ffn_norm(h))
+# The authors' parameter names inside a block -> ours (the shared decoder's Hugging Face Llama names).
+_BLOCK_NAMES = {
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
 
 
-class LlamaGenForImageGeneration(nn.Module, SupportsPP):
-    """vLLM model class for the authors' LlamaGen c2i checkpoints.
-
-    Pipeline parallel: each rank builds only its slice of the blocks (vLLM's `make_layers`); the embeddings
-    live on the first rank, the final norm and head on the last, and ranks hand over `hidden_states`.
-    """
+class LlamaGenForImageGeneration(LlamaStyleDecoder):
+    """vLLM model class for the authors' LlamaGen c2i checkpoints, on the shared Llama decoder."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -215,57 +141,20 @@ class LlamaGenForImageGeneration(nn.Module, SupportsPP):
             self.cls_embedding = VocabParallelEmbedding(config.num_class_embeddings, config.dim)
         else:
             self.tok_embeddings, self.cls_embedding = PPMissingLayer(), PPMissingLayer()
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.n_layer,
-            lambda prefix: LlamaGenBlock(config, vllm_config, prefix=prefix),
-            prefix=f"{prefix}layers",
+        self.build_decoder(
+            llamagen_decoder_spec(config), LlamaGenRotaryEmbedding(config), vllm_config, prefix
         )
         if pp.is_last_rank:
-            self.norm = RMSNorm(config.dim, eps=config.norm_eps)
             self.output = ParallelLMHead(config.codebook_size, config.dim, prefix=f"{prefix}output")
         else:
-            self.norm, self.output = PPMissingLayer(), PPMissingLayer()
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states"], config.dim
-        )
+            self.output = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.codebook_size)
-        self.register_buffer("rope_table", llamagen_rope_table(config), persistent=False)
-        # The same table as vLLM's rotary op reads it: [positions, head_dim] = (cos..., sin...).
-        self.register_buffer(
-            "rope_cos_sin_cache",
-            torch.cat([self.rope_table[..., 0], self.rope_table[..., 1]], -1),
-            persistent=False,
-        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_class = input_ids >= self.config.codebook_size
         image_ids = input_ids.masked_fill(is_class, 0)
         class_ids = (input_ids - self.config.codebook_size).masked_fill(~is_class, 0)
         return torch.where(is_class[:, None], self.cls_embedding(class_ids), self.tok_embeddings(image_ids))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: object,
-    ) -> torch.Tensor | IntermediateTensors:
-        pp = get_pp_group()
-        if not pp.is_first_rank:
-            assert intermediate_tensors is not None
-            hidden = intermediate_tensors["hidden_states"]
-        elif inputs_embeds is not None:
-            hidden = inputs_embeds
-        else:
-            hidden = self.embed_input_ids(input_ids)
-        # Positions are raster indices (class prefix first); the table row holds that cell's 2D rotation.
-        rotary = LlamaGenRotary(positions, self.rope_table, self.rope_cos_sin_cache, hidden.dtype)
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden = layer(hidden, rotary)
-        if not pp.is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden})
-        return self.norm(hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.output, hidden_states)
@@ -276,32 +165,24 @@ class LlamaGenForImageGeneration(nn.Module, SupportsPP):
         path = self.config.gpt_checkpoint
         state = unwrap_authors_layout(dict(weights), path)
         check_gpt_state_dict(state, self.config, path)
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-
-        def load(param_name: str, tensor: torch.Tensor, shard: object = None) -> None:
-            if is_pp_missing_parameter(param_name, self):
-                return  # another pipeline rank holds it
-            param = params[param_name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(param_name)
-
+        params = ParamLoader(self)
         head_dim, n_head, n_kv = self.config.rope_head_dim, self.config.n_head, self.config.n_kv_head
         for name, tensor in state.items():
-            if name.endswith("attention.wqkv.weight"):
-                q, k, v = tensor.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], dim=0)
-                for shard, part in (("q", q), ("k", k), ("v", v)):
-                    load(name, part, shard)
-            elif name.endswith("feed_forward.w1.weight"):
-                load(name.replace("w1", "w13"), tensor, 0)
-            elif name.endswith("feed_forward.w3.weight"):
-                load(name.replace("w3", "w13"), tensor, 1)
+            if name.startswith("layers."):
+                layer, local = name.split(".", 2)[1:]
+                block = f"layers.{layer}."
+                if local == "attention.wqkv.weight":
+                    q, k, v = tensor.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], dim=0)
+                    for shard, part in (("q", q), ("k", k), ("v", v)):
+                        params.load(block + "self_attn.qkv_proj.weight", part, shard)
+                elif local == "feed_forward.w1.weight":  # gate, then up: silu(w1·x) * w3·x
+                    params.load(block + "mlp.gate_up_proj.weight", tensor, 0)
+                elif local == "feed_forward.w3.weight":
+                    params.load(block + "mlp.gate_up_proj.weight", tensor, 1)
+                else:
+                    params.load(block + _BLOCK_NAMES[local], tensor)
             elif name == "cls_embedding.embedding_table.weight":
-                load("cls_embedding.weight", tensor)
+                params.load("cls_embedding.weight", tensor)
             else:
-                load(name, tensor)
-        return loaded
+                params.load(name, tensor)
+        return params.loaded
