@@ -164,7 +164,7 @@ def main() -> int:
         name += "_mixed"
 
     from vllm_zipar.models.model_dir import load_config
-    from vllm_zipar.serving.launch import ServedModel
+    from vllm_zipar.serving.served_model import ServedModel
 
     model_config = load_config(args.model)
     num_classes = model_config.num_classes

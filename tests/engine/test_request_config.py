@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_zipar.engine.request_config import Guidance, ImageDecoding, image_decoding_for, output_cells
+from vllm_zipar.engine.request_config import Guidance, ImageDecoding, image_decoding_for
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.plan import ZipARPlan
+from vllm_zipar.zipar.shape import plan_shape
 
 
 def test_scale_one_means_no_unconditional_sequence():
@@ -67,8 +68,8 @@ def fed_after_prompt(layout, window):
 def test_guided_output_is_both_streams_feeds_and_reads_back_to_every_cell_once(window):
     layout = GridLayout(prompt_len=1, height=8, width=8)
     fed = fed_after_prompt(layout, window)
-    plain = output_cells(layout, window)
-    guided = output_cells(layout, window, 1)
+    plain = plan_shape(layout, window).output_cells
+    guided = plan_shape(layout, window, 1).output_cells
     last_pass = len(plain) - fed
     assert len(guided) == 2 * fed + last_pass
     assert sorted(c for c in guided if c is not None) == sorted(c for c in plain if c is not None)

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from vllm_zipar.models.vq.llamagen_vq import (
-    CHECKPOINT_LAYOUTS,
     CODEBOOK_USAGE_KEY,
     LlamaGenVQConfig,
     LlamaGenVQModel,
     images_to_uint8,
     load_llamagen_vq,
-    write_random_vq_checkpoint,
 )
+from vllm_zipar.testing.llamagen_vq_files import CHECKPOINT_LAYOUTS, write_random_vq_checkpoint
+from vllm_zipar.training.llamagen_vq_training import training_vq_model
 
 
 def tiny_two_level_config(**overrides: object) -> LlamaGenVQConfig:
@@ -312,7 +312,7 @@ def test_bad_inputs_are_rejected_with_the_allowed_range(vq16_model: LlamaGenVQMo
 
 
 def test_training_forward_sends_gradients_to_the_encoder() -> None:
-    model = LlamaGenVQModel(tiny_two_level_config()).train()
+    model = training_vq_model(tiny_two_level_config()).train()
     images = torch.rand(2, 3, 8, 8) * 2 - 1
     reconstruction, quantized = model(images)
     assert reconstruction.shape == images.shape

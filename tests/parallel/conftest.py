@@ -69,8 +69,9 @@ class ParallelModel:
     def __init__(self, model_dir) -> None:
         from tests.engine.conftest import tiny_model_with_oracle
         from tests.serving.conftest import SMALL_VQ
-        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, write_random_vq_checkpoint
+        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig
         from vllm_zipar.serving.offline import ImageGenerator
+        from vllm_zipar.testing.llamagen_vq_files import write_random_vq_checkpoint
 
         self.model_dir = model_dir
         config, _ = tiny_model_with_oracle(

@@ -36,7 +36,7 @@ class LocalRayCluster:
     """`with LocalRayCluster() as cluster: cluster.address` (`HEAD_IP:port`)."""
 
     def __init__(self, *, node_env: dict[str, str] | None = None, start_timeout: float = 180.0) -> None:
-        from vllm_zipar.serving.launch import free_port
+        from vllm_zipar.serving.served_model import free_port
 
         self.port = free_port(HEAD_IP)
         self.address = f"{HEAD_IP}:{self.port}"
@@ -98,7 +98,7 @@ class LocalRayCluster:
                 failed = self.processes.pop()
                 self._end(self.below.pop(failed.pid, set()))
                 if nodes == 1:
-                    from vllm_zipar.serving.launch import free_port
+                    from vllm_zipar.serving.served_model import free_port
 
                     self.port = free_port(HEAD_IP)
                     self.address = f"{HEAD_IP}:{self.port}"

@@ -20,8 +20,8 @@ import torch
 
 from tests.parallel.conftest import DECODINGS, TEST_KV_CACHE_BYTES, decode_all
 from tests.parallel.ray_cluster import HEAD_IP, WORKER_IP, LocalRayCluster
-from vllm_zipar.serving.launch import ServedModel
 from vllm_zipar.serving.offline import ImageGenerator
+from vllm_zipar.serving.served_model import ServedModel
 
 ray = pytest.importorskip("ray", reason="the `ray` extra (scripts/install.sh installs it)")
 

@@ -22,7 +22,8 @@ SERVER_ARGS = ("--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES), "--max-num-s
 def write_image_model(model_dir: Path, *, seed: int):
     """Tiny GPT (as tests/engine's TINY) with a small VQ, on an 8x8 grid; returns (config, oracle)."""
     from tests.engine.conftest import tiny_model_with_oracle
-    from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, write_random_vq_checkpoint
+    from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig
+    from vllm_zipar.testing.llamagen_vq_files import write_random_vq_checkpoint
 
     config, oracle = tiny_model_with_oracle(
         model_dir, seed=seed, grid_size=GRID, downsample=2, vq_config=SMALL_VQ

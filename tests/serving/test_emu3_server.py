@@ -18,7 +18,7 @@ from tests.reference.emu3_text import ReferenceEmu3
 from tests.serving.conftest import SERVER_ARGS
 from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
 from vllm_zipar.models.registry import load_image_model
-from vllm_zipar.serving.launch import ServedModel
+from vllm_zipar.serving.served_model import ServedModel
 
 pytestmark = pytest.mark.serving
 

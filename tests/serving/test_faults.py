@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.serving.conftest import SERVER_ARGS, write_image_model
-from vllm_zipar.serving.launch import ServedModel
+from vllm_zipar.serving.served_model import ServedModel
 
 pytestmark = pytest.mark.serving
 

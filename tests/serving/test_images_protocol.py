@@ -141,3 +141,15 @@ def test_messages_quote_a_short_prefix_of_the_value():
     with pytest.raises(ClassNameError) as info:
         ClassNames(10, None).label("q" * 100_000)
     assert len(str(info.value)) < 300
+
+
+def test_partial_frames_is_partial_images_beyond_openais_three():
+    assert parse(prompt="1", stream=True, partial_frames=40).partial_images == 40
+    for body, message in [
+        ({"prompt": "1", "partial_frames": 4}, "needs 'stream'"),
+        ({"prompt": "1", "stream": True, "partial_frames": 257}, "between 0 and 256"),
+        ({"prompt": "1", "stream": True, "partial_frames": 4, "partial_images": 2}, "not both"),
+    ]:
+        with pytest.raises(ImageAPIError, match=message) as err:
+            parse(**body)
+        assert err.value.param == "partial_frames"

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.serving.conftest import SERVER_ARGS
-from vllm_zipar.serving.launch import ServedModel
+from vllm_zipar.serving.served_model import ServedModel
 from vllm_zipar.zipar.plan import zipar_steps
 
 pytestmark = [pytest.mark.serving, pytest.mark.timeout(600)]

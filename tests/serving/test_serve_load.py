@@ -13,7 +13,7 @@ pytestmark = pytest.mark.serving
 
 
 def test_serve_load_quick_completes_without_errors(tmp_path):
-    # The server child drops the runner's VLLM_ENABLE_V1_MULTIPROCESSING=0 (see serving/launch.py).
+    # The server child drops the runner's VLLM_ENABLE_V1_MULTIPROCESSING=0 (see serving/served_model.py).
     stdout = run(tmp_path, "serve_load.py", "--quick")
     assert "p50" in stdout and "images/s" in stdout
     result = json.loads((tmp_path / "serve_load_quick.json").read_text())

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.reference.decoders import ntp_decode, zipar_decode
 from tests.serving.conftest import GRID, SERVER_ARGS, write_image_model
-from vllm_zipar.serving.launch import ServedModel
+from vllm_zipar.serving.served_model import ServedModel
 from vllm_zipar.zipar.seeding import image_seed
 
 pytestmark = pytest.mark.serving

@@ -13,9 +13,10 @@ import random
 import pytest
 
 from tests.reference import decoders as llamagen_oracle
+from tests.zipar.row_start_steps import simulate_zipar_steps
 from vllm_zipar.zipar.guidance import CONDITIONAL, UNCONDITIONAL, GuidedPlan
 from vllm_zipar.zipar.layout import GridLayout
-from vllm_zipar.zipar.plan import FeedKind, ZipARPlan, simulate_zipar_steps, zipar_steps
+from vllm_zipar.zipar.plan import FeedKind, ZipARPlan, zipar_steps
 
 EOL = 7  # recorded tokens are drawn from 100..199, so every fed EOL is a row start or a bug
 SIZES = range(1, 11)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from tests.reference import decoders as oracle
+from tests.zipar.row_start_steps import simulate_zipar_steps
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.plan import (
     FedInput,
     FeedKind,
     ZipARPlan,
-    simulate_zipar_steps,
     visible,
     zipar_steps,
 )

@@ -1,4 +1,4 @@
-"""vLLM adapters: worker and runner subclasses (and later the ZipAR scheduler and attention)."""
+"""vLLM adapters: the ZipAR scheduler, worker and runner subclasses, attention backends and sampling."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`, ni
 engine needs it, for this machine's CPU (`-march=native`), into PyTorch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`, under a name that includes a digest of the CPU's
 instruction-set flags); later starts load it in milliseconds.
-`scripts/install.sh` builds it once so that no engine start pays the ~1 minute compile. Where it cannot be
+`scripts/install.sh` builds it once so that no engine start pays for the compile. Where it cannot be
 built (no compiler) or is switched off (`VLLM_ZIPAR_MASKED_KERNEL=0`), attention.py falls back to the
 PyTorch path, which is exact too but slower: one warning says so.
 """

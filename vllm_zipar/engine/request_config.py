@@ -14,14 +14,14 @@ unconditional prompt and the image decodes as a `GuidedPlan` (both sequences in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.registry import image_model_for_config
-from vllm_zipar.zipar.guidance import UNCONDITIONAL, image_plan
+from vllm_zipar.zipar.guidance import image_plan
 from vllm_zipar.zipar.layout import GridLayout
-from vllm_zipar.zipar.plan import FeedKind, check_window
+from vllm_zipar.zipar.plan import check_window
+from vllm_zipar.zipar.shape import plan_shape
 
 DECODINGS = ("zipar", "ntp")
 
@@ -120,7 +120,7 @@ class ImageDecoding:
         return image_plan(layout, self.window, self.uncond_prompt_len)
 
     def num_output_tokens(self, layout: GridLayout) -> int:
-        return len(output_cells(layout, self.window, self.uncond_prompt_len))
+        return len(plan_shape(layout, self.window, self.uncond_prompt_len).output_cells)
 
     def needs_masked_attention(self, layout: GridLayout) -> bool:
         """Whether this decoding's passes need the ZipAR mask: rows started before the row above is complete,
@@ -172,43 +172,3 @@ def image_model_of(vllm_config: Any) -> ImageModel:
     """The engine's `ImageModel`, from its config alone (the scheduler and each runner build one)."""
     model_config = vllm_config.model_config
     return image_model_for_config(model_config.model, model_config.hf_config)
-
-
-@dataclass(frozen=True)
-class PlanShape:
-    """What a dry run of one image's plan tells in advance (positions and kinds ignore sampled values)."""
-
-    # Raster position (conditional stream) carried by each output token; None: a proxy or an unconditional
-    # stream's copy, which a grid reader skips.
-    output_cells: tuple[int | None, ...]
-    max_pass_tokens: int  # the largest pass, which must fit the engine's token budget whole
-
-
-@lru_cache(maxsize=256)
-def plan_shape(layout: GridLayout, window: int | None, uncond_prompt_len: int | None = None) -> PlanShape:
-    """A request's output is every input fed after the prompt, plus the cells sampled in the last pass.
-
-    Used for `max_tokens`, to check a pass fits the token budget, and to turn a request's output back
-    into the raster grid.
-    """
-    plan = image_plan(layout, window, uncond_prompt_len)
-    prompt_len = layout.prompt_len + (uncond_prompt_len or 0)
-    inputs = plan.prefill_inputs([0] * prompt_len)
-    largest = 1
-    while True:
-        predicted = [f.predicts for f in inputs if f.predicts is not None and f.stream != UNCONDITIONAL]
-        plan.record([0] * len(predicted))
-        inputs = plan.next_inputs()
-        if not inputs:
-            fed = plan.fed(prompt_len, plan.num_fed)
-            cells = tuple(
-                None if f.kind is FeedKind.PROXY or f.stream == UNCONDITIONAL else f.position for f in fed
-            )
-            return PlanShape(cells + tuple(predicted), largest)
-        largest = max(largest, len(inputs))
-
-
-def output_cells(
-    layout: GridLayout, window: int | None, uncond_prompt_len: int | None = None
-) -> tuple[int | None, ...]:
-    return plan_shape(layout, window, uncond_prompt_len).output_cells

@@ -135,7 +135,8 @@ def write_random_model_dir(
         random_gpt_state_dict(config, seed=seed, std=std), model_dir / "gpt.pt", layout, config
     )
     if with_vq:
-        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, write_random_vq_checkpoint
+        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig
+        from vllm_zipar.testing.llamagen_vq_files import write_random_vq_checkpoint
 
         write_random_vq_checkpoint(model_dir / "vq.pt", LlamaGenVQConfig(**config.vq_config), seed=seed)
     save_config(config, model_dir)

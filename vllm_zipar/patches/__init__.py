@@ -4,13 +4,17 @@
 before vLLM's own `main` runs; `apply_engine_patches()` by our general plugin (`vllm_zipar.plugin`), which
 vLLM loads in every process it starts (front-end, engine core, workers) before it builds an executor;
 `apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is selected on the CPU platform
-(`vllm_zipar.engine.attention_backends`). Each patch checks the vLLM version it was written for and refuses
-any other: a patch silently applied to code it was not written against is worse than a clear error.
+(`vllm_zipar.engine.attention_backends`); `take_over_shutdown_signals()` by the image route
+(`vllm_zipar.serving.lifecycle`) once vLLM's server runs, in the API server process. Each patch checks the
+vLLM version it was written for and refuses any other: a patch silently applied to code it was not written
+against is worse than a clear error.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from typing import Any
 
 _applied: set[str] = set()
 
@@ -53,6 +57,16 @@ def apply_flex_attention_cpu_patches() -> None:
     from vllm_zipar.patches import flex_attention_cpu
 
     apply_once("flex_attention_cpu", flex_attention_cpu.apply)
+
+
+async def take_over_shutdown_signals(
+    state: Any, on_sigterm: Callable[[], None], on_sigint: Callable[[], None]
+) -> Any:
+    """SIGTERM and SIGINT of vLLM's API server to the image route's handlers (`sigterm_drain`); returns
+    uvicorn's server. Per server, not once per process: it waits for `serve_http` to install its own."""
+    from vllm_zipar.patches import sigterm_drain
+
+    return await sigterm_drain.take_over_shutdown_signals(state, on_sigterm, on_sigint)
 
 
 def apply_engine_patches() -> None:

@@ -16,8 +16,9 @@ WRITTEN_FOR = "0.32.0"
 GROUP_TITLE = "ZipAR"
 # vLLM's plain `--help` lists groups with their descriptions only, so the description names the flags.
 GROUP_DESCRIPTION = (
-    "vllm-zipar: --decoding {zipar,ntp} [--zipar-window N] serves a LlamaGen image model directory with "
-    "ZipAR parallel decoding and POST /v1/images/generations (details: --help=zipar)"
+    "vllm-zipar: --decoding {zipar,ntp} [--zipar-window N] serves an image model directory (any family "
+    "vllm-zipar registers) with ZipAR parallel decoding and POST /v1/images/generations "
+    "(details: --help=zipar)"
 )
 
 
@@ -27,9 +28,10 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "--decoding",
         choices=["zipar", "ntp"],
         default=None,
-        help="Serve MODEL_DIR (a vllm-zipar LlamaGen model directory) as an image model: sets the engine "
-        "arguments it needs (dtype float32, our scheduler and worker, ...) unless given, and enables "
-        "POST /v1/images/generations. The engine's default decoding; requests may override it.",
+        help="Serve MODEL_DIR (an image model directory of any family vllm-zipar registers) as an image "
+        "model: sets the engine arguments it needs (dtype float32, our scheduler and worker, ...) unless "
+        "given, and enables POST /v1/images/generations. The engine's default decoding; requests may "
+        "override it.",
     )
     group.add_argument(
         "--zipar-window",

@@ -1,8 +1,9 @@
 """`vllm-zipar animate`: an animated WebP/GIF of NTP beside ZipAR decoding the same image, one frame per pass.
 
 Both images come from vLLM's engine (`ImageGenerator`, same class and seed); frame `p` shows the cells that
-passes `0..p` sampled (the plan's order, `decode_order.sampled_at`, checked against the engine's pass count)
-VQ-decoded, the rest grey, as the server's partial images are. ZipAR finishes first and holds its image.
+passes `0..p` sampled (the plan's order, `zipar.shape.PlanShape.sampled_at`, checked against the engine's
+pass count) VQ-decoded, the rest grey, as the server's partial images are. ZipAR finishes first and holds
+its image.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vllm_zipar.serving.decode_order import sampled_at
+from vllm_zipar.zipar.shape import plan_shape
 
 GREY = 128  # as images_route.PARTIAL_FILL
 LABEL_STRIP = 16
@@ -79,7 +80,7 @@ def animate(
         for name, decoding, win in (("NTP", "ntp", None), (f"ZipAR-{window}", "zipar", window)):
             (image,) = generator.generate([prompt], seeds=[seed], decoding=decoding, zipar_window=win)
             chosen, layout = generator.requests.decoding_of(image.stats)
-            order = sampled_at(layout, chosen.window, chosen.uncond_prompt_len)
+            order = plan_shape(layout, chosen.window, chosen.uncond_prompt_len).sampled_at
             if max(order) + 1 != image.passes:  # the plan's order must be the engine's
                 raise RuntimeError(f"{name}: the plan has {max(order) + 1} passes, the engine {image.passes}")
             panels.append((name, pass_frames(generator.decode, image.tokens, order)))

@@ -79,7 +79,7 @@ def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, 
     from openai import OpenAI
 
     from vllm_zipar.models.registry import load_image_model
-    from vllm_zipar.serving.launch import ServedModel
+    from vllm_zipar.serving.served_model import ServedModel
     from vllm_zipar.zipar.plan import zipar_steps
 
     image_model = load_image_model(model_dir)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from vllm_zipar.engine.attention_backends import has_zipar_attention
-from vllm_zipar.engine.request_config import Guidance, ImageDecoding, output_cells
+from vllm_zipar.engine.request_config import Guidance, ImageDecoding
 from vllm_zipar.models.image_model import ImageModel, ImageSize
 from vllm_zipar.zipar.layout import GridLayout
+from vllm_zipar.zipar.shape import plan_shape
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -96,7 +97,7 @@ class ImageRequests:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-        # An image request's output is its feed sequence (see request_config.output_cells), not H·W tokens.
+        # An image request's output is its feed sequence (zipar/shape.py: output_cells), not H·W tokens.
         num_outputs = decoding.num_output_tokens(layout)
         extra_args: dict[str, Any] = {
             "decoding": decoding.decoding,
@@ -185,7 +186,7 @@ class ImageRequests:
     ) -> torch.Tensor:
         """The [H, W] raster grid of vocabulary ids from a request's output tokens (its inputs in feed
         order); -1 where a cell is not decoded yet (`partial`: the output so far)."""
-        cells = output_cells(layout, decoding.window, decoding.uncond_prompt_len)
+        cells = plan_shape(layout, decoding.window, decoding.uncond_prompt_len).output_cells
         if not partial and len(cells) != len(token_ids):
             raise RuntimeError(f"expected {len(cells)} output tokens for {decoding}, got {len(token_ids)}")
         grid = torch.full((layout.height * layout.width,), -1, dtype=torch.long)

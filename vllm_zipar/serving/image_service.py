@@ -22,7 +22,6 @@ import torch
 from vllm_zipar.engine.request_config import ImageDecoding, engine_default
 from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError
 from vllm_zipar.models.registry import NotAnImageModel, load_image_model
-from vllm_zipar.serving.decode_order import passes_for, sampled_at
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.images_protocol import (
     ImageAPIError,
@@ -238,13 +237,6 @@ class ImageService:
             "usage": self.usage(jobs),
         }
 
-    def partial_grid(self, job: ImageJob, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
-        grid = self.requests.grid_from_output(token_ids, job.decoding, job.layout, partial=True)
-        missing = grid < 0
-        grid[missing] = self.model.visual_tokens.start  # any valid code: these cells are painted over
-        return grid, missing
-
     def cut_off_error(self) -> ImageAPIError:
         if self.lifecycle.engine_dead:
             return ImageAPIError.unavailable("The engine stopped before this image finished.", "engine_dead")
@@ -260,36 +252,3 @@ class ImageService:
             return ImageAPIError.unavailable("The engine stopped before this image finished.", "engine_dead")
         self.log.exception("image request %s failed", request_id, exc_info=err)
         return ImageAPIError.server_error(f"image generation failed: {quote(str(err), 200)}")
-
-    def progress(self, job: ImageJob, missing=None, stats=None) -> dict[str, Any]:
-        """Extension field `zipar` of stream events: engine passes and cells decoded so far (docs/serving.md).
-        A partial image's passes are those its decoded cells needed (the plan's order); the completed image's
-        are the engine's count."""
-        order = sampled_at(job.layout, job.decoding.window, job.decoding.uncond_prompt_len)
-        decoded = None if missing is None else (~missing).flatten().tolist()
-        passes = stats["passes"] if stats is not None else passes_for(order, decoded)
-        cells = len(order) if decoded is None else sum(decoded)
-        return {"passes": passes, "cells_decoded": cells, "cells": len(order)}
-
-    def _event(
-        self, req, job: ImageJob, b64: str, *, index: int | None = None, usage=None, progress=None
-    ) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "type": "image_generation.partial_image" if usage is None else "image_generation.completed",
-            "b64_json": b64,
-            "background": "opaque",
-            "created_at": int(time.time()),
-            "output_format": req.output_format,
-            "quality": "auto",
-            "size": job.size.name,
-            "image_index": job.index,  # extension: which of the request's n images
-        }
-        if usage is None:
-            event["partial_image_index"] = index
-        else:
-            event["usage"] = usage
-        if progress is not None:
-            event["zipar"] = progress
-        return event
-
-

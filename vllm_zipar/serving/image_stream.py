@@ -10,31 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import torch
 from fastapi import Request
 
+from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_service import ImageJob, ImageService
 from vllm_zipar.serving.images_protocol import ImageAPIError, ImageGenerationRequest
+from vllm_zipar.zipar.shape import passes_for, plan_shape
 
 
 async def stream_images(
     service: ImageService,
     req: ImageGenerationRequest,
     jobs: Sequence[ImageJob],
-    request: Request | None = None,
+    request: Request,
 ) -> AsyncIterator[str]:
     """Server-sent events: `partial_images` partial images per image, then its completed image.
 
     Starlette's StreamingResponse notices a client that left only when a send fails, which may be long
-    after (or, here, never before the images finish), so `request`'s disconnect is watched too."""
+    after (or, here, never before the images finish), so `request`'s disconnect is watched too
+    (`client_watch`)."""
     queue: asyncio.Queue = asyncio.Queue()
     sent = [0] * len(jobs)
 
     def on_output(job: ImageJob, out: Any) -> None:
         tokens = list(out.outputs[0].token_ids)
-        grid, missing = service.partial_grid(job, tokens)
+        grid, missing = partial_grid(service, job, tokens)
         cells = job.layout.num_cells
         filled = cells - int(missing.sum())
         while sent[job.index] < req.partial_images and filled * (req.partial_images + 1) >= cells * (
@@ -68,25 +73,10 @@ async def stream_images(
             queue.put_nowait(("error", service.cut_off_error()))
 
     producer.add_done_callback(on_cut_off)
-    abandoned = False
-
-    def abandon() -> None:  # the client left: cancelling the producer aborts the engine requests
-        nonlocal abandoned
-        if not abandoned and not producer.done():
-            abandoned = True
-            service.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
-            producer.cancel()
-
-    def on_disconnect(task: asyncio.Task) -> None:
-        # Runs on the loop whatever this generator is doing: Starlette may never resume it.
-        if not task.cancelled():
-            abandon()
-            queue.put_nowait(("gone",))
-
-    watcher = None
-    if request is not None:
-        watcher = asyncio.create_task(until_disconnected(request))
-        watcher.add_done_callback(on_disconnect)
+    # The client left: cancelling the producer aborts the engine requests.
+    watch = AbortOnDisconnect(
+        request, producer, service.log, jobs[0].request_id, on_gone=lambda: queue.put_nowait(("gone",))
+    )
     remaining = len(jobs)
     usage = service.usage(jobs[:1])
     try:
@@ -104,28 +94,27 @@ async def stream_images(
             if event[0] == "partial":
                 _, _, index, grid, missing = event
                 (b64,) = await service.render(grid[None], req, masks=missing[None])
-                payload = service._event(req, job, b64, index=index, progress=service.progress(job, missing))
+                payload = stream_event(req, job, b64, index=index, progress=decoding_progress(job, missing))
                 yield _sse("image_generation.partial_image", payload)
                 continue
             image = event[2]
             while sent[job.index] < req.partial_images:  # the promised count, even if decoding outran us
                 (b64,) = await service.render(image.grid[None], req)
-                payload = service._event(req, job, b64, index=sent[job.index], progress=service.progress(job))
+                payload = stream_event(req, job, b64, index=sent[job.index], progress=decoding_progress(job))
                 yield _sse("image_generation.partial_image", payload)
                 sent[job.index] += 1
             (b64,) = await service.render(image.grid[None], req)
-            progress = service.progress(job, stats=image.stats)
-            payload = service._event(req, job, b64, usage=usage, progress=progress)
+            progress = decoding_progress(job, stats=image.stats)
+            payload = stream_event(req, job, b64, usage=usage, progress=progress)
             if req.return_tokens:
                 payload["tokens"] = image.grid.tolist()
             yield _sse("image_generation.completed", payload)
             remaining -= 1
     except (asyncio.CancelledError, GeneratorExit):
-        abandon()  # before any await: inside Starlette's cancelled task group every await raises again
+        watch.abort()  # before any await: inside Starlette's cancelled task group every await raises again
         raise
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        watch.stop()
         if not producer.done():
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -135,9 +124,53 @@ def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read, so only `http.disconnect` is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+def partial_grid(
+    service: ImageService, job: ImageJob, token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
+    grid = service.requests.grid_from_output(token_ids, job.decoding, job.layout, partial=True)
+    missing = grid < 0
+    grid[missing] = service.model.visual_tokens.start  # any valid code: these cells are painted over
+    return grid, missing
+
+
+def decoding_progress(
+    job: ImageJob, missing: torch.Tensor | None = None, stats: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Extension field `zipar` of stream events: engine passes and cells decoded so far (docs/serving.md).
+    A partial image's passes are those its decoded cells needed (the plan's order); the completed image's
+    are the engine's count."""
+    order = plan_shape(job.layout, job.decoding.window, job.decoding.uncond_prompt_len).sampled_at
+    decoded = None if missing is None else (~missing).flatten().tolist()
+    passes = stats["passes"] if stats is not None else passes_for(order, decoded)
+    cells = len(order) if decoded is None else sum(decoded)
+    return {"passes": passes, "cells_decoded": cells, "cells": len(order)}
+
+
+def stream_event(
+    req: ImageGenerationRequest,
+    job: ImageJob,
+    b64: str,
+    *,
+    index: int | None = None,
+    usage: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One image event: a partial image (`index`: its number) or, given `usage`, the completed image."""
+    event: dict[str, Any] = {
+        "type": "image_generation.partial_image" if usage is None else "image_generation.completed",
+        "b64_json": b64,
+        "background": "opaque",
+        "created_at": int(time.time()),
+        "output_format": req.output_format,
+        "quality": "auto",
+        "size": job.size.name,
+        "image_index": job.index,  # extension: which of the request's n images
+    }
+    if usage is None:
+        event["partial_image_index"] = index
+    else:
+        event["usage"] = usage
+    if progress is not None:
+        event["zipar"] = progress
+    return event

@@ -19,8 +19,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_service import ImageService, route_logger
-from vllm_zipar.serving.image_stream import stream_images, until_disconnected
+from vllm_zipar.serving.image_stream import stream_images
 from vllm_zipar.serving.images_protocol import ImageAPIError, parse_request
 from vllm_zipar.serving.playground import attach_playground, playground_address
 from vllm_zipar.serving.request_body import ClientGone, read_body
@@ -59,14 +60,14 @@ async def create_image(request: Request):
 
     work = asyncio.create_task(service.generate(req, jobs))
     service.lifecycle.track(work)
-    watcher = asyncio.create_task(until_disconnected(request))
-    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if work not in done:  # the client left: cancelling the work aborts its engine requests
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        service.log.info("image request %s: client disconnected, aborted", jobs[0].request_id)
+    # The client left: cancelling the work aborts its engine requests.
+    watch = AbortOnDisconnect(request, work, service.log, jobs[0].request_id)
+    try:
+        await asyncio.wait({work})
+    finally:
+        watch.stop()
+    if watch.aborted:
         return None
-    watcher.cancel()
     if service.lifecycle.cut_off(work):
         return _error_response(service.cut_off_error())
     try:

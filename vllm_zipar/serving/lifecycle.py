@@ -78,7 +78,7 @@ class RouteLifecycle:
 
     def take_signals(self, state: Any) -> None:
         """SIGTERM and SIGINT come here once vLLM's server runs (`patches/sigterm_drain.py`)."""
-        from vllm_zipar.patches.sigterm_drain import take_over_shutdown_signals
+        from vllm_zipar.patches import take_over_shutdown_signals
 
         async def take() -> None:
             self.server = await take_over_shutdown_signals(state, self.on_sigterm, self.on_sigint)

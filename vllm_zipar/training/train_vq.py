@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQModel, vq_training_args
+from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQModel
 from vllm_zipar.training.data import DigitSplit, random_shifts
+from vllm_zipar.training.llamagen_vq_training import training_vq_model, vq_training_args
 
 L1_WEIGHT = 0.5  # on top of the authors' l2 reconstruction loss: crisper strokes on flat backgrounds
 
@@ -80,7 +81,7 @@ def train_vq(
     """Train a VQ on ``train`` for ``steps`` batches; returns the model (eval mode) and the loss log."""
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
-    model = LlamaGenVQModel(config or demo_vq_config())
+    model = training_vq_model(config or demo_vq_config())
     model.train()
     # The authors' VQ optimiser: Adam with betas (0.9, 0.95), no weight decay; a higher peak rate with a
     # cosine schedule because this run is a few thousand steps, not hundreds of thousands.

@@ -4,8 +4,7 @@
 last token still has to be written to the cache) and answers, every engine step, the inputs of the next
 pass: token, raster position, kind (real, proxy, KV-only) and the cell whose logits it predicts. The engine
 feeds them, samples the predicting inputs' logits and hands the tokens back with ``record``. ``visible`` is
-the one definition of the attention mask over the fed inputs. ``zipar_steps`` gives the §4 closed forms and
-``simulate_zipar_steps`` plays the row-start rules alone, as an independent count for tests.
+the one definition of the attention mask over the fed inputs. ``zipar_steps`` gives the §4 closed forms.
 
 Conventions resolved here (ZIPAR.md leaves them implicit):
 
@@ -104,33 +103,6 @@ def zipar_steps(H: int, W: int, window: int | None, eol: bool) -> int:
     if H == 1:
         return W  # the table's 2W + (H-2)w assumes a second row; one row is plain raster order
     return 2 * W + (H - 2) * w
-
-
-def simulate_zipar_steps(H: int, W: int, window: int | None, eol: bool) -> int:
-    """Count passes by playing only the row-start rules of ZIPAR.md §3 on per-row counts.
-
-    Pass 0 (prefill) starts row 0; in each later pass every started, incomplete row decodes one cell and
-    row r+1 decodes its first cell if, after the previous pass, ``n[r] >= window`` (row 0 complete first
-    without EOL). Deliberately naive (O(H) per pass), independent of ``ZipARPlan``.
-    """
-    _check_grid(H, W)
-    w = check_window(window)
-    w = W if w is None else min(w, W)
-    n = [0] * H
-    passes = 0
-    while min(n) < W:
-        before = list(n)
-        if passes == 0:
-            n[0] = 1
-        for r in range(H):
-            if passes > 0 and 0 < before[r] < W:
-                n[r] += 1
-            if passes > 0 and r + 1 < H and before[r + 1] == 0:
-                needed = W if (r == 0 and not eol) else w
-                if before[r] >= needed:
-                    n[r + 1] = 1
-        passes += 1
-    return passes
 
 
 @dataclass(slots=True)

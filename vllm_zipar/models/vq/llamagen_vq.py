@@ -9,8 +9,10 @@ attribute names reproduce the authors' state-dict keys (for example
 ``quantize.codebook_used``), so ``load_llamagen_vq`` needs no key conversion. Checkpoint layouts
 follow their ``vq_train.py`` (writer) and ``vq_demo.py`` (reader); the uint8 convention follows
 their ``autoregressive/sample/sample_c2i_ddp.py``. Serving only needs ``decode_codes``; the encoder
-and the training-mode quantizer are kept so the project can train and evaluate its own tokenizer in
-the same format.
+is kept because the authors' files carry its weights (loading is strict) and the project encodes images
+with it. What only training uses (the quantizer's losses and usage history, the ``vq_train.py`` args)
+is in ``vllm_zipar/training/llamagen_vq_training.py``; random test checkpoints are written by
+``vllm_zipar/testing/llamagen_vq_files.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,6 @@ class LlamaGenCheckpointError(ValueError):
     """
 
 
-CheckpointLayout = Literal["model", "ema", "state_dict", "raw"]
-CHECKPOINT_LAYOUTS: tuple[str, ...] = ("model", "ema", "state_dict", "raw")
 # Reading order of the wrapper keys, as in the authors' vq_demo.py: EMA weights win when a training
 # checkpoint carries both (they are the ones the authors evaluate), then the DDP "model" weights,
 # then a Lightning-style "state_dict".
@@ -320,44 +319,24 @@ class Decoder(nn.Module):
 
 @dataclass
 class QuantizerOutput:
-    """What one quantizer pass produced.
-
-    ``quantized`` carries straight-through gradients to the encoder. The losses are ``None`` in eval
-    mode, as in the authors' code; ``codebook_usage`` is the fraction of codes seen in the usage
-    history (0.0 unless training with codebook_show_usage).
-    """
+    """What one quantizer pass produced: ``quantized`` carries straight-through gradients to the encoder."""
 
     quantized: torch.Tensor  # [B, embed_dim, h, w]
     codes: torch.Tensor  # [B, h, w] int64
-    codebook_loss: torch.Tensor | None = None
-    commitment_loss: torch.Tensor | None = None
-    entropy_loss: torch.Tensor | None = None
-    codebook_usage: float = 0.0
-
-
-def codebook_entropy_loss(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
-    """The authors' entropy regulariser (``compute_entropy_loss``, softmax variant): per-sample
-    entropy minus the entropy of the batch-average code distribution, which rewards confident
-    assignments spread across the codebook."""
-    logits = affinity.reshape(-1, affinity.shape[-1]) / temperature
-    probs = torch.softmax(logits, dim=-1)
-    log_probs = torch.log_softmax(logits + 1e-5, dim=-1)
-    mean_probs = probs.mean(dim=0)
-    batch_entropy = -torch.sum(mean_probs * torch.log(mean_probs + 1e-5))
-    sample_entropy = -torch.mean(torch.sum(probs * log_probs, dim=-1))
-    return sample_entropy - batch_entropy
 
 
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-entry quantiser; with ``l2_norm`` both latents and entries live on the unit
-    sphere, so the nearest entry is the one with the highest cosine similarity."""
+    sphere, so the nearest entry is the one with the highest cosine similarity.
+
+    This is the authors' quantizer without its training losses and usage statistics (their forward in
+    eval mode); ``training.llamagen_vq_training.TrainingVectorQuantizer`` adds them, same weights and keys.
+    """
 
     def __init__(self, config: LlamaGenVQConfig) -> None:
         super().__init__()
         self.codebook_size = config.codebook_size
         self.embed_dim = config.codebook_embed_dim
-        self.commit_loss_beta = config.commit_loss_beta
-        self.entropy_loss_ratio = config.entropy_loss_ratio
         self.l2_norm = config.codebook_l2_norm
         self.show_usage = config.codebook_show_usage
         self.embedding = nn.Embedding(self.codebook_size, self.embed_dim)
@@ -381,7 +360,8 @@ class VectorQuantizer(nn.Module):
         """Codes [B, h, w] -> latent [B, embed_dim, h, w] (the authors' ``get_codebook_entry``)."""
         return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
 
-    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+    def nearest(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z [B, h, w, C] as compared, its nearest entries z_q, flat codes [B*h*w], distances [B*h*w, K])."""
         z = latent.permute(0, 2, 3, 1).contiguous()  # [B, h, w, C]
         codebook = self.codebook()
         if self.l2_norm:
@@ -395,28 +375,16 @@ class VectorQuantizer(nn.Module):
             - 2 * (z_flat @ codebook.t())
         )
         flat_codes = torch.argmin(distances, dim=1)
-        z_q = codebook[flat_codes].view(z.shape)
-        output = QuantizerOutput(quantized=z_q, codes=flat_codes.view(z.shape[:-1]))
+        return z, codebook[flat_codes].view(z.shape), flat_codes, distances
 
-        if self.show_usage and self.training:
-            with torch.no_grad():
-                count = flat_codes.shape[0]
-                self.codebook_used[:-count] = self.codebook_used[count:].clone()
-                self.codebook_used[-count:] = flat_codes.to(self.codebook_used.dtype)
-                output.codebook_usage = len(torch.unique(self.codebook_used)) / self.codebook_size
-        if self.training:
-            output.codebook_loss = torch.mean((z_q - z.detach()) ** 2)
-            output.commitment_loss = self.commit_loss_beta * torch.mean((z_q.detach() - z) ** 2)
-            # The authors compute the entropy term even at ratio 0 (and multiply by 0): skipping a
-            # [N, codebook_size] softmax gives the same value.
-            output.entropy_loss = (
-                self.entropy_loss_ratio * codebook_entropy_loss(-distances)
-                if self.entropy_loss_ratio
-                else distances.new_zeros(())
-            )
-        straight_through = z + (z_q - z).detach()
-        output.quantized = straight_through.permute(0, 3, 1, 2)
-        return output
+    @staticmethod
+    def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """z_q in value, z's gradient, as [B, C, h, w]; in eval mode too, as the authors (same bits)."""
+        return (z + (z_q - z).detach()).permute(0, 3, 1, 2)
+
+    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+        z, z_q, flat_codes, _ = self.nearest(latent)
+        return QuantizerOutput(quantized=self.straight_through(z, z_q), codes=flat_codes.view(z.shape[:-1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,12 +408,12 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 class LlamaGenVQModel(nn.Module):
     """The authors' ``VQModel``: encoder, quant_conv, quantize, post_quant_conv, decoder."""
 
-    def __init__(self, config: LlamaGenVQConfig) -> None:
+    def __init__(self, config: LlamaGenVQConfig, quantizer: type[VectorQuantizer] = VectorQuantizer) -> None:
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quantize = VectorQuantizer(config)
+        self.quantize = quantizer(config)  # training passes the quantizer with losses
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, kernel_size=1)
 
@@ -482,7 +450,7 @@ class LlamaGenVQModel(nn.Module):
         return self.decoder(self.post_quant_conv(quantized))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
-        """Reconstruction and quantizer output (losses in training mode), as their ``forward``."""
+        """Reconstruction and quantizer output (a training quantizer adds losses), as their ``forward``."""
         quantized = self.quantize_images(images)
         return self.decode_latent(quantized.quantized), quantized
 
@@ -632,80 +600,3 @@ def load_llamagen_vq(path: str | Path, config: LlamaGenVQConfig) -> LlamaGenVQMo
     # load_state_dict copies into the float32 parameters, so bf16/fp16 files come out float32.
     model.load_state_dict(weights, strict=True)
     return model.float().eval()
-
-
-def vq_training_args(
-    config: LlamaGenVQConfig,
-    seed: int,
-    *,
-    ema: bool = False,
-    image_size: int = 256,
-    mixed_precision: str = "bf16",
-) -> argparse.Namespace:
-    """The subset of vq_train.py's argparse flags that describe the model, as it pickles them."""
-    return argparse.Namespace(
-        vq_model=f"VQ-{config.downsample}",
-        vq_ckpt=None,
-        ema=ema,
-        codebook_size=config.codebook_size,
-        codebook_embed_dim=config.codebook_embed_dim,
-        codebook_l2_norm=config.codebook_l2_norm,
-        commit_loss_beta=config.commit_loss_beta,
-        entropy_loss_ratio=config.entropy_loss_ratio,
-        dropout_p=config.dropout_p,
-        image_size=image_size,
-        global_seed=seed,
-        mixed_precision=mixed_precision,
-    )
-
-
-def _random_weights(config: LlamaGenVQConfig, seed: int) -> dict[str, torch.Tensor]:
-    # A forked RNG so writing a test checkpoint does not reseed the caller's global generator.
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        model = LlamaGenVQModel(config)
-        # PyTorch's default GroupNorm affine (1, 0) makes every block whiten its input; random
-        # affine values keep contrast through the decoder so random checkpoints give visibly varied
-        # images.
-        for module in model.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.2)
-        return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
-def write_random_vq_checkpoint(
-    path: str | Path, config: LlamaGenVQConfig, seed: int = 0, layout: CheckpointLayout = "model"
-) -> None:
-    """Write a randomly initialised checkpoint for ``config`` in one of the authors' layouts.
-
-    ``layout``:
-      - ``"model"``: what ``vq_train.py`` saves without ``--ema``: ``{"model", "steps", "args"}``
-        (optimizer and discriminator states are left out; loaders ignore them).
-      - ``"ema"``: what it saves with ``--ema``: also ``"ema"``. Here ``"ema"`` holds the weights
-        drawn from ``seed`` and ``"model"`` different ones (from ``seed + 1``), so a loader that
-        ignores the vq_demo.py precedence decodes differently.
-      - ``"state_dict"``: ``{"state_dict": weights}``.
-      - ``"raw"``: the bare state dict.
-    Every layout yields the same weights (those from ``seed``) through ``load_llamagen_vq``.
-    """
-    if layout not in CHECKPOINT_LAYOUTS:
-        raise ValueError(f"layout must be one of {CHECKPOINT_LAYOUTS}, got {layout!r}")
-    weights = _random_weights(config, seed)
-    checkpoint: dict[str, object]
-    if layout == "raw":
-        checkpoint = dict(weights)
-    elif layout == "state_dict":
-        checkpoint = {"state_dict": weights}
-    else:
-        checkpoint = {
-            "model": weights,
-            "steps": 0,
-            "args": vq_training_args(config, seed, ema=layout == "ema"),
-        }
-        if layout == "ema":
-            checkpoint["model"] = _random_weights(config, seed + 1)
-            checkpoint["ema"] = weights
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)

@@ -1,15 +1,16 @@
-"""The pass that samples each grid cell (what partial images and `animate` report), and `partial_frames`."""
+"""The plan's dry run: the pass that samples each grid cell (what partial images and `animate` report)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from vllm_zipar.serving.decode_order import passes_for, sampled_at
-from vllm_zipar.serving.images_protocol import ImageAPIError, parse_request
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.plan import zipar_steps
+from vllm_zipar.zipar.shape import passes_for, plan_shape
+
+
+def sampled_at(layout: GridLayout, window: int | None, uncond: int | None = None) -> tuple[int, ...]:
+    return plan_shape(layout, window, uncond).sampled_at
 
 
 @pytest.mark.parametrize("window", [None, 1, 2, 4, 8, 16])
@@ -43,19 +44,3 @@ def test_ntp_samples_cell_n_in_pass_n_and_zipar_starts_rows_window_passes_apart(
     assert starts == [0, 6, 8, 10, 12, 14]  # the first row whole, then a row every 2 passes (ZIPAR.md §3)
     assert passes_for(order, [step <= 9 for step in order]) == 10
     assert passes_for(order, [False] * 36) == 0
-
-
-def parse(body):
-    return parse_request(json.dumps(body).encode(), "32x32")
-
-
-def test_partial_frames_is_partial_images_beyond_openais_three():
-    assert parse({"prompt": "1", "stream": True, "partial_frames": 40}).partial_images == 40
-    for body, message in [
-        ({"prompt": "1", "partial_frames": 4}, "needs 'stream'"),
-        ({"prompt": "1", "stream": True, "partial_frames": 257}, "between 0 and 256"),
-        ({"prompt": "1", "stream": True, "partial_frames": 4, "partial_images": 2}, "not both"),
-    ]:
-        with pytest.raises(ImageAPIError, match=message) as err:
-            parse(body)
-        assert err.value.param == "partial_frames"

@@ -1,7 +1,9 @@
-"""Start `vllm serve MODEL_DIR --decoding ...` as a child process and wait until it answers `/health`.
+"""A served model as a child process: `vllm serve MODEL_DIR --decoding ...`, ready once it answers `/health`.
 
-Used by the serving tests, `benchmarks/serve_load.py` and the examples; it runs the `vllm` console command
-next to the running Python (ours, see `vllm_command.py`), so what it starts is exactly what a user types.
+`make demo` (`serving/demo.py`, `vllm-zipar demo --serve`) serves through it, which is why it ships in
+`serving/`; the server tests, the cluster tests and `benchmarks/serve_load.py` use it too. It runs the
+`vllm` console command next to the running Python (ours, see `vllm_command.py`), so what it starts is
+exactly what a user types.
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""The stream's pieces without a server: partial grids and progress from a fake output, event bodies, and
+the disconnect watch that aborts a request's work (the live stream is tests/serving/test_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_zipar.engine.request_config import Guidance, ImageDecoding
+from vllm_zipar.models.image_model import ImageSize
+from vllm_zipar.models.llamagen_config import LlamaGenConfig
+from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
+from vllm_zipar.serving.client_watch import AbortOnDisconnect
+from vllm_zipar.serving.image_requests import ImageRequests
+from vllm_zipar.serving.image_service import ImageJob
+from vllm_zipar.serving.image_stream import decoding_progress, partial_grid, stream_event
+from vllm_zipar.zipar.layout import GridLayout
+from vllm_zipar.zipar.shape import plan_shape
+
+H = W = 6
+
+
+def fake_service() -> SimpleNamespace:
+    config = LlamaGenConfig(dim=64, n_layer=1, n_head=2, grid_size=H, num_classes=10, codebook_size=64)
+    model = LlamaGenImageModel(".", config)
+    return SimpleNamespace(model=model, requests=ImageRequests(model, ImageDecoding.parse("ntp", None), 2048))
+
+
+def job_of(decoding: ImageDecoding) -> ImageJob:
+    layout = GridLayout(prompt_len=1, height=H, width=W)
+    return ImageJob(1, "img-x-1", {}, None, decoding, None, layout, ImageSize(96, 96, (H, W)))
+
+
+DECODINGS = [
+    ImageDecoding.parse("ntp", None),
+    ImageDecoding.parse("zipar", 2),
+    ImageDecoding.parse("zipar", 2).with_guidance(Guidance(2.0, 1)),
+]
+
+
+@pytest.mark.parametrize("decoding", DECODINGS)
+def test_partial_grids_and_progress_follow_the_output_so_far(decoding):
+    service, job = fake_service(), job_of(decoding)
+    shape = plan_shape(job.layout, decoding.window, decoding.uncond_prompt_len)
+    # Fake output: the token of an output slot carrying cell position p is 1000 + p (proxies, twins: -5).
+    outputs = [-5 if p is None else 1000 + p for p in shape.output_cells]
+    seen_passes = []
+    for length in range(len(outputs) + 1):
+        grid, missing = partial_grid(service, job, outputs[:length])
+        decoded = {job.layout.image_index(p) for p in shape.output_cells[:length] if p is not None}
+        assert {i for i in range(H * W) if not missing.flatten()[i]} == decoded
+        expected = torch.tensor([1000 + job.layout.pos(*divmod(i, W)) for i in range(H * W)]).view(H, W)
+        assert torch.equal(grid[~missing], expected[~missing])
+        assert (grid[missing] == service.model.visual_tokens.start).all()  # painted over, but a valid code
+        progress = decoding_progress(job, missing)
+        assert progress["cells_decoded"] == len(decoded) and progress["cells"] == H * W
+        assert progress["passes"] == (max((shape.sampled_at[i] for i in decoded), default=-1) + 1)
+        seen_passes.append(progress["passes"])
+    assert seen_passes == sorted(seen_passes) and seen_passes[-1] == max(shape.sampled_at) + 1
+    assert decoding_progress(job) == {"passes": seen_passes[-1], "cells_decoded": H * W, "cells": H * W}
+    # The completed image reports the engine's own count.
+    assert decoding_progress(job, stats={"passes": 7})["passes"] == 7
+
+
+def test_partial_and_completed_events_carry_the_documented_fields():
+    job, req = job_of(DECODINGS[1]), SimpleNamespace(output_format="webp")
+    progress = {"passes": 3, "cells_decoded": 5, "cells": 36}
+    partial = stream_event(req, job, "AAA", index=2, progress=progress)
+    completed = stream_event(req, job, "BBB", usage={"total_tokens": 37}, progress=progress)
+    common = {"background": "opaque", "output_format": "webp", "quality": "auto", "size": "96x96"}
+    assert partial.items() >= {
+        "type": "image_generation.partial_image", "b64_json": "AAA", "image_index": 1,
+        "partial_image_index": 2, "zipar": progress, **common,
+    }.items()  # fmt: skip
+    assert "usage" not in partial
+    assert completed.items() >= {
+        "type": "image_generation.completed", "b64_json": "BBB", "image_index": 1,
+        "usage": {"total_tokens": 37}, "zipar": progress, **common,
+    }.items()  # fmt: skip
+    assert "partial_image_index" not in completed
+    assert "zipar" not in stream_event(req, job, "CCC", index=0)
+
+
+class FakeRequest:
+    """`receive()` gives `http.disconnect` once `leave` is set."""
+
+    def __init__(self) -> None:
+        self.leave = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+
+class FakeLog:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args) -> None:
+        self.lines.append(message % args)
+
+
+def test_a_client_that_leaves_gets_its_work_cancelled_once():
+    async def scenario():
+        request, log, gone = FakeRequest(), FakeLog(), []
+        work = asyncio.create_task(asyncio.sleep(60))
+        watch = AbortOnDisconnect(request, work, log, "img-a-0", on_gone=lambda: gone.append(True))
+        await asyncio.sleep(0)
+        assert not work.done() and not watch.aborted
+        request.leave.set()
+        await asyncio.wait({work}, timeout=10)
+        assert work.cancelled() and watch.aborted and gone == [True]
+        watch.abort()  # Starlette cancelling the stream afterwards: no second log line
+        watch.stop()
+        assert log.lines == ["image request img-a-0: client disconnected, aborted"]
+
+    asyncio.run(scenario())
+
+
+def test_work_that_ends_first_is_neither_cancelled_nor_logged():
+    async def scenario():
+        request, log, gone = FakeRequest(), FakeLog(), []
+        work = asyncio.create_task(asyncio.sleep(0, result="image"))
+        watch = AbortOnDisconnect(request, work, log, "img-b-0", on_gone=lambda: gone.append(True))
+        await asyncio.wait({work})
+        watch.stop()
+        watch.abort()  # a late cancellation of the handler: the work is done, nothing to abort
+        request.leave.set()
+        await asyncio.sleep(0.01)
+        assert work.result() == "image" and not watch.aborted and gone == [] and log.lines == []
+
+    asyncio.run(scenario())

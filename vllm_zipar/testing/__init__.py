@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks, outside the runtime path: tiny model files in the real formats."""
