@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from vllm_zipar.engine.request_config import ImageDecoding, engine_default
-from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_prompts import ImageSize
+from vllm_zipar.models.prompt_error import PromptError
 from vllm_zipar.models.registry import NotAnImageModel, load_image_model
 from vllm_zipar.serving.decode_order import passes_for, sampled_at
 from vllm_zipar.serving.image_requests import ImageRequests
@@ -34,6 +36,7 @@ from vllm_zipar.serving.images_protocol import (
 from vllm_zipar.serving.lifecycle import RouteLifecycle
 from vllm_zipar.serving.pixels import PixelRenderer
 from vllm_zipar.serving.request_body import body_limits
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.seeding import image_seed
 
@@ -65,7 +68,7 @@ class ImageJob:
 class FinishedImage:
     job: ImageJob
     grid: torch.Tensor  # [H, W] vocabulary ids of the visual tokens, raster order
-    stats: dict[str, Any]
+    stats: ImageStats
     seconds: float
 
 
@@ -173,7 +176,7 @@ class ImageService:
             final = out
             if on_output is not None and not out.finished:
                 on_output(job, out)
-        stats = ((final.kv_transfer_params or {}).get("zipar") if final is not None else None) or None
+        stats = ImageStats.of_output(final.kv_transfer_params) if final is not None else None
         if stats is None:
             reason = final.outputs[0].finish_reason if final is not None else "no output"
             raise RuntimeError(f"image request {job.request_id} ended without image stats ({reason})")
@@ -191,10 +194,10 @@ class ImageService:
         self.log.info(
             "image %s: decoding=%s window=%s cfg_scale=%s passes=%d seconds=%.3f",
             image.job.request_id,
-            image.stats["decoding"],
-            image.stats.get("window"),
-            image.stats.get("cfg_scale", 1.0),
-            image.stats["passes"],
+            image.stats.decoding,
+            image.stats.window,
+            image.stats.cfg_scale,
+            image.stats.passes,
             image.seconds,
         )
 
@@ -242,7 +245,8 @@ class ImageService:
         """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
         grid = self.requests.grid_from_output(token_ids, job.decoding, job.layout, partial=True)
         missing = grid < 0
-        grid[missing] = self.model.visual_tokens.start  # any valid code: these cells are painted over
+        # Any visual token will do: these cells are painted over.
+        grid[missing] = self.model.visual_tokens.code_to_id(torch.zeros_like(grid[missing]))
         return grid, missing
 
     def cut_off_error(self) -> ImageAPIError:
@@ -261,13 +265,13 @@ class ImageService:
         self.log.exception("image request %s failed", request_id, exc_info=err)
         return ImageAPIError.server_error(f"image generation failed: {quote(str(err), 200)}")
 
-    def progress(self, job: ImageJob, missing=None, stats=None) -> dict[str, Any]:
+    def progress(self, job: ImageJob, missing=None, stats: ImageStats | None = None) -> dict[str, Any]:
         """Extension field `zipar` of stream events: engine passes and cells decoded so far (docs/serving.md).
         A partial image's passes are those its decoded cells needed (the plan's order); the completed image's
         are the engine's count."""
         order = sampled_at(job.layout, job.decoding.window, job.decoding.uncond_prompt_len)
         decoded = None if missing is None else (~missing).flatten().tolist()
-        passes = stats["passes"] if stats is not None else passes_for(order, decoded)
+        passes = stats.passes if stats is not None else passes_for(order, decoded)
         cells = len(order) if decoded is None else sum(decoded)
         return {"passes": passes, "cells_decoded": cells, "cells": len(order)}
 
