@@ -24,7 +24,7 @@ SMALL_16 = dict(
 
 def random_model(name: str, shape: dict[str, Any]) -> Path:
     """A model directory of random weights in the authors' `.pt` layout, written once and cached."""
-    from vllm_zipar.models.model_dir import write_random_model_dir
+    from vllm_zipar.testing.llamagen_dirs import write_random_model_dir
 
     model_dir = CACHE / name
     if not (model_dir / "config.json").is_file():
@@ -45,7 +45,7 @@ EMU3_SMALL = {**EMU3_REDUCED, "codebook_size": 1024, "image_area": 128 * 128}
 
 def random_emu3(name: str, shape: dict[str, Any]) -> Path:
     """A random Emu3 directory in the Hugging Face layout (config, safetensors, tokenizer), written once."""
-    from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
+    from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 
     model_dir = CACHE / name
     if not (model_dir / "config.json").is_file():

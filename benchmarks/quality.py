@@ -60,10 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sampling(args, defaults: dict) -> dict:
-    """The sampling every mode uses: the command line over the model's defaults."""
+def sampling(args, defaults) -> dict:
+    """The sampling every mode uses: the command line over the model's `SamplingDefaults`."""
     chosen = {name: getattr(args, name) for name in ("cfg_scale", "temperature", "top_k", "top_p")}
-    return {name: defaults[name] if value is None else value for name, value in chosen.items()}
+    return {name: getattr(defaults, name) if value is None else value for name, value in chosen.items()}
 
 
 def generate(generator, labels, seeds, sampled: dict, mode: dict) -> torch.Tensor:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     generator = ImageGenerator(model_dir, kv_cache_memory_bytes=args.kv_cache_mib << 20)
     engine_start_s = time.perf_counter() - start
-    sampled = sampling(args, generator.config.sampling_defaults)
+    sampled = sampling(args, generator.model.sampling_defaults)
     print(f"[quality] sampling: {sampled}")
     vq = load_llamagen_vq(
         model_dir / generator.config.vq_checkpoint, LlamaGenVQConfig(**generator.config.vq_config)

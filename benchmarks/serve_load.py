@@ -163,12 +163,12 @@ def main() -> int:
     if args.profile == "mixed":
         name += "_mixed"
 
-    from vllm_zipar.models.model_dir import load_config
+    from vllm_zipar.models.registry import load_image_model
     from vllm_zipar.serving.served_model import ServedModel
 
-    model_config = load_config(args.model)
-    num_classes = model_config.num_classes
-    cfg_scale = model_config.sampling_defaults["cfg_scale"]  # requests take the model's sampling defaults
+    image_model = load_image_model(args.model)
+    num_classes = image_model.num_classes
+    cfg_scale = image_model.sampling_defaults.cfg_scale  # requests take the model's sampling defaults
     server = None
     url = args.url
     if url is None:

@@ -52,7 +52,7 @@ def _init(args: argparse.Namespace):
 
 
 def cmd_write_random_model(args: argparse.Namespace) -> int:
-    from vllm_zipar.models.model_dir import write_random_model_dir
+    from vllm_zipar.testing.llamagen_dirs import write_random_model_dir
 
     config = write_random_model_dir(args.model_dir, seed=args.seed, **RANDOM_DEMO_MODEL)
     print(f"wrote a random model ({config.grid_size}x{config.grid_size} grid) to {args.model_dir}")

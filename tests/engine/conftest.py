@@ -29,7 +29,7 @@ def tiny_model_with_oracle(model_dir: Path, *, seed: int, state_dict=None, **ove
     """
     from tests.reference.llamagen_gpt import ReferenceLlamaGenConfig, load_authors_checkpoint
     from vllm_zipar.models.llamagen_checkpoint import save_gpt_checkpoint
-    from vllm_zipar.models.model_dir import write_random_model_dir
+    from vllm_zipar.testing.llamagen_dirs import write_random_model_dir
 
     config = write_random_model_dir(model_dir, with_vq=False, seed=seed, **{**TINY, **overrides})
     if state_dict is not None:

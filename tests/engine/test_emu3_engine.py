@@ -21,8 +21,8 @@ from tests.reference.emu3_decoders import zipar_decode_eol
 from tests.reference.emu3_hf import Emu3SpecialIds, hf_generate_image
 from tests.reference.emu3_text import ReferenceEmu3
 from vllm_zipar.engine.attention_backends import ATTENTION_ENV
-from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
 from vllm_zipar.serving.offline import ImageGenerator
+from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 from vllm_zipar.zipar.plan import zipar_steps
 
 pytestmark = pytest.mark.engine
@@ -88,7 +88,7 @@ def expected(generator, oracle, prompt, size, window, *, negative=None, scale=1.
     model = generator.model
     cond, uncond = ids_of(generator, prompt, size, negative if scale != 1.0 else None)
     rows, cols = SIZES[size]
-    visual = (model.visual_tokens.start, model.visual_tokens.stop)
+    visual = (model.visual_tokens.ids.start, model.visual_tokens.ids.stop)
     sampling = SAMPLING if seed is not None else dict(temperature=0.0)
     return zipar_decode_eol(
         oracle, cond, rows, cols, eol_id=model.eol_token, visual=visual, window=window,
@@ -136,7 +136,7 @@ def test_ntp_guided_by_a_negative_prompt_equals_transformers_generate(engine, hf
     assert len(uncond) != len(cond)
     expected_grid = hf_generate(hf_model, generator, cond, 9, 7, negative_ids=uncond, scale=3.0)
     assert torch.equal(image.tokens, expected_grid)
-    assert image.stats["uncond_prompt_len"] == len(uncond)
+    assert image.stats.uncond_prompt_len == len(uncond)
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 9])

@@ -55,6 +55,26 @@ def test_guided_requests_read_their_extra_args_and_split_the_prompt():
     assert ImageDecoding("zipar", 4).cache_salt == "zipar-w4"
 
 
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        ImageDecoding("ntp", None),
+        ImageDecoding("zipar", 3, None, (4, 5)),
+        ImageDecoding("zipar", 2, Guidance(2.5, 7, 10), (6, 6)),
+    ],
+)
+def test_extra_args_read_back_what_they_wrote(decoding):
+    extra = decoding.to_extra_args()
+    assert ImageDecoding.from_extra_args(extra, ("zipar", 99)) == decoding
+    config = SimpleNamespace(additional_config={"zipar": {"decoding": "zipar", "window": 99}})
+    assert image_decoding_for(SimpleNamespace(extra_args=extra), config) == decoding
+
+
+def test_requests_without_extra_args_take_the_engine_default():
+    assert ImageDecoding.from_extra_args(None, ("zipar", 4)) == ImageDecoding("zipar", 4)
+    assert ImageDecoding.from_extra_args({}, ("ntp", None)) == ImageDecoding("ntp", None)
+
+
 def fed_after_prompt(layout, window):
     plan = ZipARPlan(layout, window)
     inputs = plan.prefill_inputs([0] * layout.prompt_len)

@@ -40,7 +40,7 @@ def rewrite_in_state_dict_layout(model_dir: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def emu3_dir(tmp_path_factory) -> Path:
     """The default tiny Emu3-Gen directory as save_pretrained writes it (the Hub's key layout), seed 0."""
-    from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
+    from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 
     model_dir = tmp_path_factory.mktemp("emu3") / "tiny-emu3"
     write_random_emu3_dir(model_dir, seed=0)
@@ -51,7 +51,7 @@ def emu3_dir(tmp_path_factory) -> Path:
 def emu3_state_dict_dir(tmp_path_factory) -> Path:
     """The same weights under transformers 5's module names, with max_position_embeddings 32 (below a prompt
     plus its generated tokens, so an engine must lift vLLM's length cap through `emu3_engine_overrides`)."""
-    from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
+    from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 
     model_dir = tmp_path_factory.mktemp("emu3-sd") / "tiny-emu3-state-dict"
     write_random_emu3_dir(model_dir, seed=0, max_position_embeddings=32)

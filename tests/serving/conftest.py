@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_zipar.testing.tiny_dirs import TINY_LLAMAGEN_VQ
+
 GRID = 8
 TEST_KV_CACHE_BYTES = 64 << 20
 # The digits model's VQ shape (2x downsampling): 8x8 tokens -> 16x16 pixels, cheap to decode.
-SMALL_VQ = {
-    "codebook_size": 256,
-    "codebook_embed_dim": 8,
-    "ch": 32,
-    "z_channels": 64,
-    "num_res_blocks": 1,
-    "encoder_ch_mult": [1, 2],
-    "decoder_ch_mult": [1, 2],
-}
+SMALL_VQ = TINY_LLAMAGEN_VQ
 SERVER_ARGS = ("--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES), "--max-num-seqs", "16")
 
 

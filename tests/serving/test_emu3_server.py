@@ -16,9 +16,9 @@ from PIL import Image
 from tests.reference.emu3_decoders import zipar_decode_eol
 from tests.reference.emu3_text import ReferenceEmu3
 from tests.serving.conftest import SERVER_ARGS
-from vllm_zipar.models.emu3_checkpoint import write_random_emu3_dir
 from vllm_zipar.models.registry import load_image_model
 from vllm_zipar.serving.served_model import ServedModel
+from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 
 pytestmark = pytest.mark.serving
 
@@ -83,7 +83,7 @@ def test_tokens_equal_the_oracle(served, client):
     hf = Emu3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected, _ = zipar_decode_eol(
         ReferenceEmu3.from_hf(hf), model.prompt_ids("a blue dog", size), 9, 7, eol_id=model.eol_token,
-        visual=(model.visual_tokens.start, model.visual_tokens.stop), window=2,
+        visual=(model.visual_tokens.ids.start, model.visual_tokens.ids.stop), window=2,
         negative_prompt_ids=model.unconditional_prompt_ids(NEGATIVE, size), cfg_scale=3.0, temperature=0.0,
     )
     assert torch.equal(tokens, expected)

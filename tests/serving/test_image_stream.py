@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from vllm_zipar.engine.request_config import Guidance, ImageDecoding
-from vllm_zipar.models.image_model import ImageSize
+from vllm_zipar.models.image_prompts import ImageSize
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.image_service import ImageJob
 from vllm_zipar.serving.image_stream import decoding_progress, partial_grid, stream_event
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.shape import plan_shape
 
@@ -54,7 +55,7 @@ def test_partial_grids_and_progress_follow_the_output_so_far(decoding):
         assert {i for i in range(H * W) if not missing.flatten()[i]} == decoded
         expected = torch.tensor([1000 + job.layout.pos(*divmod(i, W)) for i in range(H * W)]).view(H, W)
         assert torch.equal(grid[~missing], expected[~missing])
-        assert (grid[missing] == service.model.visual_tokens.start).all()  # painted over, but a valid code
+        assert (grid[missing] == service.model.visual_tokens.ids[0]).all()  # painted over, but a valid code
         progress = decoding_progress(job, missing)
         assert progress["cells_decoded"] == len(decoded) and progress["cells"] == H * W
         assert progress["passes"] == (max((shape.sampled_at[i] for i in decoded), default=-1) + 1)
@@ -62,7 +63,8 @@ def test_partial_grids_and_progress_follow_the_output_so_far(decoding):
     assert seen_passes == sorted(seen_passes) and seen_passes[-1] == max(shape.sampled_at) + 1
     assert decoding_progress(job) == {"passes": seen_passes[-1], "cells_decoded": H * W, "cells": H * W}
     # The completed image reports the engine's own count.
-    assert decoding_progress(job, stats={"passes": 7})["passes"] == 7
+    stats = ImageStats("zipar", 2, 1.0, (H, W), 1, None, passes=7, cells_per_pass=(1,) * 7)
+    assert decoding_progress(job, stats=stats)["passes"] == 7
 
 
 def test_partial_and_completed_events_carry_the_documented_fields():

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from vllm_zipar.engine import SCHEDULER_CLS, worker_cls_name
-from vllm_zipar.models.model_dir import write_random_model_dir
 from vllm_zipar.serving.served_model import vllm_command
 from vllm_zipar.serving.vllm_command import CommandError, allow_our_route, serve_argv, take_our_flags
+from vllm_zipar.testing.llamagen_dirs import write_random_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,24 @@
 """Which decoding an image request uses: engine defaults, overridden per request.
 
 Engine default: `additional_config={"zipar": {"decoding": "zipar" | "ntp", "window": int}}` (default: NTP).
-Per request: `SamplingParams(extra_args={"decoding": ..., "zipar_window": ..., "image_grid": [H, W]})`. A
-window must be an int >= 1; a window >= the grid width is valid and decodes exactly as NTP does. The grid
-defaults to the model's (`ImageModel.default_grid`); which grids a model takes is its adapter's business.
+Per request: `SamplingParams.extra_args`, written by `ImageDecoding.to_extra_args` and read by
+`ImageDecoding.from_extra_args` (nothing else touches these keys): `{"decoding": ..., "zipar_window": ...,
+"image_grid": [H, W]}`. A window must be an int >= 1; a window >= the grid width is valid and decodes exactly
+as NTP does. The grid defaults to the model's (`ImageGrid.default_grid`); which grids a model takes is its
+adapter's business.
 
-Classifier-free guidance, per request (`guidance_extra_args` builds these): `extra_args={"cfg_scale": s,
-"cfg_uncond_prompt_len": U, "cfg_interval": i}`. With `s > 1` the last `U` prompt tokens are the
-unconditional prompt and the image decodes as a `GuidedPlan` (both sequences in this one request); `s == 1`
-(the default) means no unconditional sequence at all.
+Classifier-free guidance adds `{"cfg_scale": s, "cfg_uncond_prompt_len": U, "cfg_interval": i}`. With
+`s > 1` the last `U` prompt tokens are the unconditional prompt and the image decodes as a `GuidedPlan`
+(both sequences in this one request); `s == 1` (the default) means no unconditional sequence at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_grid import ImageGrid
 from vllm_zipar.models.registry import image_model_for_config
 from vllm_zipar.zipar.guidance import image_plan
 from vllm_zipar.zipar.layout import GridLayout
@@ -56,13 +58,6 @@ class Guidance:
             )
         return cls(scale, uncond_prompt_len, interval)
 
-    def extra_args(self) -> dict[str, Any]:
-        return {
-            "cfg_scale": self.scale,
-            "cfg_uncond_prompt_len": self.uncond_prompt_len,
-            "cfg_interval": self.interval,
-        }
-
 
 def check_grid(grid: object) -> tuple[int, int] | None:
     """`grid` as (rows, columns) of ints >= 1, or None (the model's default); ValueError otherwise."""
@@ -96,6 +91,31 @@ class ImageDecoding:
         except ValueError:
             raise ValueError(f"zipar_window must be an integer >= 1, got {window!r}") from None
 
+    @classmethod
+    def from_extra_args(
+        cls, extra: Mapping[str, Any] | None, default: tuple[str, int | None]
+    ) -> ImageDecoding:
+        """The decoding a request's `SamplingParams.extra_args` asks for (`to_extra_args` wrote them); keys
+        it lacks take the engine's `default` (decoding, window), no guidance and the model's grid."""
+        extra = extra or {}
+        decoding = extra.get("decoding", default[0])
+        window = extra.get("zipar_window", default[1])
+        guidance = Guidance.parse(
+            extra.get("cfg_scale", 1.0), extra.get("cfg_uncond_prompt_len"), extra.get("cfg_interval", -1)
+        )
+        return cls.parse(decoding, window).with_guidance(guidance).with_grid(extra.get("image_grid"))
+
+    def to_extra_args(self) -> dict[str, Any]:
+        """This decoding as `SamplingParams.extra_args` (plain data: it crosses to the engine core)."""
+        extra: dict[str, Any] = {"decoding": self.decoding, "zipar_window": self.window}
+        if self.grid is not None:
+            extra["image_grid"] = [self.grid[0], self.grid[1]]
+        if self.guidance is not None:
+            extra["cfg_scale"] = self.guidance.scale
+            extra["cfg_uncond_prompt_len"] = self.guidance.uncond_prompt_len
+            extra["cfg_interval"] = self.guidance.interval
+        return extra
+
     def with_guidance(self, guidance: Guidance | None) -> ImageDecoding:
         return ImageDecoding(self.decoding, self.window, guidance, self.grid)
 
@@ -106,7 +126,7 @@ class ImageDecoding:
     def uncond_prompt_len(self) -> int | None:
         return None if self.guidance is None else self.guidance.uncond_prompt_len
 
-    def layout(self, model: ImageModel, prompt_len: int) -> GridLayout:
+    def layout(self, model: ImageGrid, prompt_len: int) -> GridLayout:
         """The conditional sequence's grid; `prompt_len` is the whole request prompt (both prompts)."""
         cond_prompt_len = prompt_len - (self.uncond_prompt_len or 0)
         if cond_prompt_len < 1:
@@ -158,17 +178,12 @@ def engine_default(vllm_config: Any) -> tuple[str, int | None]:
 
 
 def image_decoding_for(sampling_params: Any, vllm_config: Any) -> ImageDecoding:
-    decoding, window = engine_default(vllm_config)
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    decoding = extra.get("decoding", decoding)
-    window = extra.get("zipar_window", window)
-    guidance = Guidance.parse(
-        extra.get("cfg_scale", 1.0), extra.get("cfg_uncond_prompt_len"), extra.get("cfg_interval", -1)
-    )
-    return ImageDecoding.parse(decoding, window).with_guidance(guidance).with_grid(extra.get("image_grid"))
+    extra = getattr(sampling_params, "extra_args", None)
+    return ImageDecoding.from_extra_args(extra, engine_default(vllm_config))
 
 
-def image_model_of(vllm_config: Any) -> ImageModel:
-    """The engine's `ImageModel`, from its config alone (the scheduler and each runner build one)."""
+def image_model_of(vllm_config: Any) -> ImageGrid:
+    """The engine's view of the served family, from its config alone (the scheduler and each runner build
+    one)."""
     model_config = vllm_config.model_config
     return image_model_for_config(model_config.model, model_config.hf_config)

@@ -39,7 +39,8 @@ class ZipARRunnerMixin:
         self._step_guides: list[tuple[int, int, float]] = []  # (sample, unconditional token row, cfg scale)
         self._step_attention: ZipARAttentionInputs | None = None
         self._finished_images: tuple[str, ...] = ()
-        # Grid cells are sampled from the visual tokens' logits only; text, EOL and closing ids are forced.
+        # Grid cells are sampled from the visual tokens' logits columns only, then returned as their
+        # vocabulary ids; text, EOL and closing ids are forced.
         self._visual_tokens = image_model_of(self.vllm_config).visual_tokens  # type: ignore[attr-defined]
         choice = attention_choice()
         # Filled by load_model: attention layers that would decode a masked step causally (must be none).
@@ -163,8 +164,7 @@ class ZipARRunnerMixin:
         num_reqs = batch.num_reqs
         samples = self._step_samples or [(i, i, int(batch.num_tokens_no_spec[i])) for i in range(num_reqs)]
         visual = self._visual_tokens
-        if visual.start != 0 or visual.stop != logits.shape[-1]:
-            logits = logits[:, visual.start : visual.stop]
+        logits = visual.visual_logits(logits)  # column c scores VQ code c
         if self._step_guides:
             logits = guided_logits(logits, len(samples), [(s, scale) for s, _, scale in self._step_guides])
         params = [self.requests[req_id].sampling_params for req_id in batch.req_ids[:num_reqs]]  # type: ignore
@@ -177,8 +177,9 @@ class ZipARRunnerMixin:
             [cell for _, _, cell in samples],
         )
         per_request: list[list[int]] = [[] for _ in range(num_reqs)]
-        for (index, _, _), code in zip(samples, tokens, strict=True):
-            per_request[index].append(visual.start + code)
+        token_ids = visual.code_to_id(torch.tensor(tokens, dtype=torch.long)).tolist()
+        for (index, _, _), token_id in zip(samples, token_ids, strict=True):
+            per_request[index].append(token_id)
         width = max((len(row) for row in per_request), default=1)
         sampled = torch.full((num_reqs, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
         for index, row in enumerate(per_request):
@@ -192,7 +193,7 @@ class ZipARRunnerMixin:
             raw = logits.float().log_softmax(dim=-1)
             if num_logprobs == -1:
                 num_logprobs = raw.shape[-1]
-            # Over the visual tokens: indices are VQ codes (the vocabulary id minus the range's start).
+            # Over the visual tokens: indices are VQ codes (`VisualTokens.id_to_code` of the ids).
             logprobs = self.sampler.gather_logprobs(  # type: ignore[attr-defined]
                 raw, num_logprobs, token_ids=torch.tensor(tokens, dtype=torch.int64)
             )

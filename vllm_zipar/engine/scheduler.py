@@ -26,6 +26,8 @@ from vllm.v1.request import Request
 from vllm_zipar.engine.request_config import Guidance, image_decoding_for, image_model_of
 from vllm_zipar.engine.step_inputs import ImageStepInputs
 from vllm_zipar.zipar.guidance import UNCONDITIONAL, GuidedPlan, guidance_applies
+from vllm_zipar.zipar.image_stats import KEY as STATS_KEY
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.plan import FedInput, FeedKind, ZipARPlan
 
 
@@ -78,7 +80,7 @@ class ZipARScheduler(Scheduler):
         self.image_model = image_model_of(self.vllm_config)
         self.images: dict[str, ImageRequestState] = {}
         # Stats of images that finished in the step being processed, until attached to their outputs.
-        self.finished_images: dict[str, dict[str, object]] = {}
+        self.finished_images: dict[str, ImageStats] = {}
         self.num_preempted_images = 0
         # Seeds of requests that sample without one (see `_seed_if_unseeded`), drawn from the engine's `seed`.
         self.unseeded_seeds = random.Random(self.vllm_config.model_config.seed)
@@ -256,7 +258,10 @@ class ZipARScheduler(Scheduler):
                     stats = self.finished_images.pop(output.request_id, None)
                     if stats is not None and output.finish_reason is not None:
                         # The only free-form per-request channel from the engine core to the request output.
-                        output.kv_transfer_params = {**(output.kv_transfer_params or {}), "zipar": stats}
+                        output.kv_transfer_params = {
+                            **(output.kv_transfer_params or {}),
+                            STATS_KEY: stats.to_dict(),
+                        }
             self.finished_images.clear()
         return outputs
 
@@ -272,16 +277,16 @@ class ZipARScheduler(Scheduler):
         return super()._free_request(request, *args, **kwargs)
 
 
-def image_stats(state: ImageRequestState) -> dict[str, object]:
+def image_stats(state: ImageRequestState) -> ImageStats:
     """What the request output reports about how an image was decoded."""
     layout = state.plan.layout
-    return {
-        "decoding": state.decoding,
-        "window": state.window,
-        "cfg_scale": state.guidance.scale if state.guidance is not None else 1.0,
-        "grid": [layout.height, layout.width],
-        "prompt_len": layout.prompt_len,
-        "uncond_prompt_len": state.guidance.uncond_prompt_len if state.guidance is not None else None,
-        "passes": state.plan.steps,
-        "cells_per_pass": state.cells_per_pass,
-    }
+    return ImageStats(
+        decoding=state.decoding,
+        window=state.window,
+        cfg_scale=state.guidance.scale if state.guidance is not None else 1.0,
+        grid=(layout.height, layout.width),
+        prompt_len=layout.prompt_len,
+        uncond_prompt_len=state.guidance.uncond_prompt_len if state.guidance is not None else None,
+        passes=state.plan.steps,
+        cells_per_pass=tuple(state.cells_per_pass),
+    )

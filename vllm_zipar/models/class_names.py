@@ -13,7 +13,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_zipar.models.image_model import quote
+from vllm_zipar.models.prompt_error import quote
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

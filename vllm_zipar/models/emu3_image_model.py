@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from vllm_zipar.models.emu3_checkpoint import BOI_TOKEN, IMAGE_WRAPPER_TOKEN, Emu3Tokens
-from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError, VisualTokens, quote
+from vllm_zipar.models.image_grid import VisualTokens
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_prompts import ImageSize, SamplingDefaults
+from vllm_zipar.models.prompt_error import PromptError, quote
 
 DOWNSAMPLE = 8  # Emu3VQVAE: 8x8 pixels per token (Emu3Processor.downsample_ratio)
 IMAGE_AREA = 518_400  # Emu3Processor's default image_area: 720x720 at ratio 1:1
@@ -29,13 +32,7 @@ NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
     "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 )
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "cfg_scale": 3.0,
-    "cfg_interval": -1,
-    "temperature": 1.0,
-    "top_k": 2048,
-    "top_p": 1.0,
-}
+SAMPLING_DEFAULTS = SamplingDefaults(cfg_scale=3.0, cfg_interval=-1, temperature=1.0, top_k=2048, top_p=1.0)
 MAX_PROMPT_TOKENS = 512  # per prompt; bounds max_model_len
 OPTIONS_FILE = "zipar.json"
 
@@ -49,7 +46,6 @@ def generate_grid(ratio: str, image_area: int, downsample: int = DOWNSAMPLE) -> 
 
 
 class Emu3ImageModel(ImageModel):
-    model_type = "emu3"
     family = "Emu3"
     prompt_kind = "text"
 
@@ -80,7 +76,11 @@ class Emu3ImageModel(ImageModel):
 
     @property
     def visual_tokens(self) -> VisualTokens:
-        return VisualTokens(self.tokens.visual_start, self.tokens.visual_stop)
+        return VisualTokens.contiguous(self.tokens.visual_start, self.tokens.codebook_size)
+
+    @property
+    def input_vocab_size(self) -> int:
+        return int(self.hf_config.text_config.vocab_size)
 
     @property
     def eol_token(self) -> int:
@@ -88,6 +88,8 @@ class Emu3ImageModel(ImageModel):
 
     @property
     def closing_tokens(self) -> tuple[int, ...]:
+        """Emu3's tokens after the last row's EOL (EOF, image end, EOS): never sampled or fed (the engine
+        ends an image at its last cell), but they count against the model's positions."""
         return self.tokens.eof, self.tokens.eoi, self.tokens.eos
 
     @property
@@ -125,8 +127,8 @@ class Emu3ImageModel(ImageModel):
         return sizes
 
     @property
-    def sampling_defaults(self) -> dict[str, Any]:
-        return {**SAMPLING_DEFAULTS, **self.options.get("sampling_defaults", {})}
+    def sampling_defaults(self) -> SamplingDefaults:
+        return SAMPLING_DEFAULTS.with_overrides(self.options.get("sampling_defaults", {}))
 
     @property
     def takes_negative_prompt(self) -> bool:
@@ -176,7 +178,7 @@ class Emu3ImageModel(ImageModel):
 
         return emu3_engine_overrides(self.hf_config, self.max_model_len())
 
-    def load_decoder(self) -> Any:
+    def load_decoder(self) -> Emu3PixelDecoder:
         return Emu3PixelDecoder(self.model_dir, self.visual_tokens)
 
     def describe(self) -> dict[str, Any]:
@@ -195,14 +197,11 @@ class Emu3PixelDecoder:
         self.visual = visual
         self.vq = load_emu3_vq(model_dir)
 
-    def cuda(self) -> Emu3PixelDecoder:
-        self.vq.model = self.vq.model.cuda()
+    def to(self, device) -> Emu3PixelDecoder:
+        self.vq.model = self.vq.model.to(device)
         return self
 
     def to_pil_images(self, grid_ids):
         from vllm_zipar.models.vq.emu3_vq import codes_to_pil
 
-        codes = grid_ids.long() - self.visual.start
-        if codes.min() < 0 or codes.max() >= self.visual.count:
-            raise ValueError("a grid holds ids outside the visual tokens")
-        return codes_to_pil(self.vq, codes)
+        return codes_to_pil(self.vq, self.visual.id_to_code(grid_ids))

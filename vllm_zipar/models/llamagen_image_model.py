@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from vllm_zipar.models.class_names import ClassNameError, ClassNames
-from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError, VisualTokens
+from vllm_zipar.models.image_decoder import ImageDecoder
+from vllm_zipar.models.image_grid import VisualTokens
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_prompts import ImageSize, SamplingDefaults
+from vllm_zipar.models.prompt_error import PromptError
 
 
 class LlamaGenImageModel(ImageModel):
-    model_type = "llamagen"
     family = "LlamaGen"
     prompt_kind = "class"
 
@@ -27,7 +30,12 @@ class LlamaGenImageModel(ImageModel):
 
     @property
     def visual_tokens(self) -> VisualTokens:
-        return VisualTokens(0, int(self.hf_config.codebook_size))
+        return VisualTokens.contiguous(0, int(self.hf_config.codebook_size))
+
+    @property
+    def input_vocab_size(self) -> int:
+        # The codes, then the class tokens (the null class last): ids [codebook, codebook + classes].
+        return int(self.hf_config.codebook_size + self.hf_config.num_class_embeddings)
 
     @property
     def default_grid(self) -> tuple[int, int]:
@@ -46,16 +54,24 @@ class LlamaGenImageModel(ImageModel):
         return [ImageSize(side, side, self.default_grid)]
 
     @property
-    def sampling_defaults(self) -> dict[str, Any]:
-        return dict(self.hf_config.sampling_defaults)
+    def sampling_defaults(self) -> SamplingDefaults:
+        return SamplingDefaults.from_dict(self.hf_config.sampling_defaults)
 
     @cached_property
-    def class_names(self) -> ClassNames:
+    def classes(self) -> ClassNames:
         return ClassNames.for_config(self.hf_config)
 
     @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.classes.primary or None
+
+    @property
     def max_prompt_chars(self) -> int:
-        return self.class_names.max_prompt_chars
+        return self.classes.max_prompt_chars
 
     def class_label(self, prompt: str | int) -> int:
         if isinstance(prompt, bool):
@@ -63,7 +79,7 @@ class LlamaGenImageModel(ImageModel):
         if isinstance(prompt, int):
             prompt = str(prompt)
         try:
-            return self.class_names.label(prompt)
+            return self.classes.label(prompt)
         except ClassNameError as err:
             raise PromptError(str(err), "unknown_class") from None
 
@@ -83,16 +99,9 @@ class LlamaGenImageModel(ImageModel):
     def max_model_len(self) -> int:
         return int(self.hf_config.max_position_embeddings)
 
-    def load_decoder(self) -> Any:
+    def load_decoder(self) -> ImageDecoder:
+        # Vocabulary ids are codes here, so the VQ model decodes the grids as they are.
         from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, load_llamagen_vq
 
         config = self.hf_config
         return load_llamagen_vq(self.model_dir / config.vq_checkpoint, LlamaGenVQConfig(**config.vq_config))
-
-    def describe(self) -> dict[str, Any]:
-        names = self.class_names
-        return {
-            **super().describe(),
-            "num_classes": names.num_classes,
-            "class_names": names.primary or None,
-        }

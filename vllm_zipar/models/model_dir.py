@@ -1,8 +1,8 @@
 """Model directories: the authors' checkpoint files plus our `config.json`.
 
 `init_model_dir` writes the config for a pair of authors' files (inferring the GPT size from the weights
-where the presets allow); `write_random_model_dir` writes a complete directory of random weights in the real
-formats, for tests and for `make demo` until a trained demo model ships.
+where the presets allow); `vllm_zipar/testing/llamagen_dirs.py` writes complete directories of random
+weights in the same formats.
 """
 
 from __future__ import annotations
@@ -11,12 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm_zipar.models.llamagen_checkpoint import (
-    check_gpt_state_dict,
-    load_gpt_state_dict,
-    random_gpt_state_dict,
-    save_gpt_checkpoint,
-)
+from vllm_zipar.models.llamagen_checkpoint import check_gpt_state_dict, load_gpt_state_dict
 from vllm_zipar.models.llamagen_config import GPT_PRESETS, LlamaGenConfig
 from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, read_vq_codebook_shape
 
@@ -114,30 +109,3 @@ def check_vq_codebook(vq_path: Path, config: LlamaGenConfig) -> None:
             f"{vq_path}: codebook {codes}x{code_dim}, but vq_config reads "
             f"{expected.codebook_size}x{expected.codebook_embed_dim}"
         )
-
-
-def write_random_model_dir(
-    model_dir: str | Path,
-    *,
-    seed: int = 0,
-    layout: str = "model",
-    std: float = 0.25,
-    with_vq: bool = True,
-    vq_config: dict[str, Any] | None = None,
-    **config_kwargs: Any,
-) -> LlamaGenConfig:
-    """A complete model directory of random weights in the authors' formats (GPT `.pt`, VQ `.pt`, config)."""
-    model_dir = Path(model_dir)
-    config = LlamaGenConfig(
-        gpt_checkpoint="gpt.pt", vq_checkpoint="vq.pt", vq_config=vq_config, **config_kwargs
-    )
-    save_gpt_checkpoint(
-        random_gpt_state_dict(config, seed=seed, std=std), model_dir / "gpt.pt", layout, config
-    )
-    if with_vq:
-        from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig
-        from vllm_zipar.testing.llamagen_vq_files import write_random_vq_checkpoint
-
-        write_random_vq_checkpoint(model_dir / "vq.pt", LlamaGenVQConfig(**config.vq_config), seed=seed)
-    save_config(config, model_dir)
-    return config

@@ -2,7 +2,10 @@
 
 Adding a family means adding its entries here: its `ImageModel`, its vLLM model class, and its transformers
 config class if transformers lacks one (`plugin.py` registers the last two with vLLM and transformers). The
-engine and the front-ends only ever call `image_model_for_config` / `load_image_model`.
+engine and the front-ends only ever call `image_model_for_config` / `load_image_model` (the engine types the
+result as the `ImageGrid` it reads). The key is the family's only `model_type`; every family also gives a
+tiny-directory writer for the tests (`vllm_zipar/testing/tiny_dirs.py`), which the family contract test
+(tests/models/test_family_contract.py) requires for every key here.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def run_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, window:
     start = time.perf_counter()
     with ImageGenerator(model_dir) as generator:
         started = time.perf_counter()
-        count = min(num_classes, generator.model.describe().get("num_classes") or num_classes)
+        count = min(num_classes, generator.model.num_classes or num_classes)
         labels = list(range(count))
         seeds = [seed + c for c in labels]
         ntp = generator.generate(labels, seeds=seeds, decoding="ntp")
@@ -83,7 +83,7 @@ def run_served_demo(model_dir: Path, out: Path, *, num_classes: int, seed: int, 
     from vllm_zipar.zipar.plan import zipar_steps
 
     image_model = load_image_model(model_dir)
-    count = min(num_classes, image_model.describe().get("num_classes") or num_classes)
+    count = min(num_classes, image_model.num_classes or num_classes)
     size = image_model.native_size
     rows, cols = size.grid
     log_path = out.with_name("demo_server.log")

@@ -17,7 +17,9 @@ import torch
 
 from vllm_zipar.engine.attention_backends import has_zipar_attention
 from vllm_zipar.engine.request_config import Guidance, ImageDecoding
-from vllm_zipar.models.image_model import ImageModel, ImageSize
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_prompts import ImageSize
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.shape import plan_shape
 
@@ -88,9 +90,9 @@ class ImageRequests:
         from vllm import SamplingParams
 
         defaults = self.model.sampling_defaults
-        temperature = defaults["temperature"] if temperature is None else temperature
-        top_k = defaults["top_k"] if top_k is None else top_k
-        top_p = defaults["top_p"] if top_p is None else top_p
+        temperature = defaults.temperature if temperature is None else temperature
+        top_k = defaults.top_k if top_k is None else top_k
+        top_p = defaults.top_p if top_p is None else top_p
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
@@ -99,13 +101,7 @@ class ImageRequests:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         # An image request's output is its feed sequence (zipar/shape.py: output_cells), not H·W tokens.
         num_outputs = decoding.num_output_tokens(layout)
-        extra_args: dict[str, Any] = {
-            "decoding": decoding.decoding,
-            "zipar_window": decoding.window,
-            "image_grid": [layout.height, layout.width],
-        }
-        if decoding.guidance is not None:
-            extra_args.update(decoding.guidance.extra_args())
+        extra_args = decoding.with_grid((layout.height, layout.width)).to_extra_args()
         return SamplingParams(
             max_tokens=num_outputs,
             min_tokens=num_outputs,
@@ -126,8 +122,8 @@ class ImageRequests:
 
     def guidance(self, uncond_prompt_len: int, cfg_scale: float | None, cfg_interval: int | None):
         defaults = self.model.sampling_defaults
-        scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
-        interval = defaults["cfg_interval"] if cfg_interval is None else cfg_interval
+        scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
+        interval = defaults.cfg_interval if cfg_interval is None else cfg_interval
         return Guidance.parse(scale, uncond_prompt_len, interval)
 
     def image_request(
@@ -153,7 +149,7 @@ class ImageRequests:
         prompt_ids = model.prompt_ids(prompt, chosen_size)
         chosen = self.decoding(decoding, zipar_window).with_grid(chosen_size.grid)
         uncond_ids: list[int] = []
-        scale = model.sampling_defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+        scale = model.sampling_defaults.cfg_scale if cfg_scale is None else cfg_scale
         if scale != 1.0 or negative_prompt is not None:
             uncond_ids = model.unconditional_prompt_ids(negative_prompt, chosen_size)
         chosen = chosen.with_guidance(self.guidance(len(uncond_ids), cfg_scale, cfg_interval))
@@ -197,11 +193,10 @@ class ImageRequests:
                     grid[index] = token
         return grid.view(layout.height, layout.width)
 
-    def decoding_of(self, stats: dict[str, Any]) -> tuple[ImageDecoding, GridLayout]:
-        """The decoding and grid a finished request reports in its stats (`kv_transfer_params["zipar"]`)."""
-        decoding = ImageDecoding.parse(stats["decoding"], stats["window"])
-        scale = stats.get("cfg_scale", 1.0)
-        guidance = Guidance.parse(scale, stats.get("uncond_prompt_len")) if scale != 1.0 else None
-        grid = tuple(stats["grid"])
-        decoding = decoding.with_guidance(guidance).with_grid(grid)
-        return decoding, self.model.layout(stats["prompt_len"], grid)  # type: ignore[arg-type]
+    def decoding_of(self, stats: ImageStats) -> tuple[ImageDecoding, GridLayout]:
+        """The decoding and grid a finished request reports in its stats."""
+        decoding = ImageDecoding.parse(stats.decoding, stats.window)
+        scale = stats.cfg_scale
+        guidance = Guidance.parse(scale, stats.uncond_prompt_len) if scale != 1.0 else None
+        decoding = decoding.with_guidance(guidance).with_grid(stats.grid)
+        return decoding, self.model.layout(stats.prompt_len, stats.grid)

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from vllm_zipar.engine.request_config import ImageDecoding, engine_default
-from vllm_zipar.models.image_model import ImageModel, ImageSize, PromptError
+from vllm_zipar.models.image_model import ImageModel
+from vllm_zipar.models.image_prompts import ImageSize
+from vllm_zipar.models.prompt_error import PromptError
 from vllm_zipar.models.registry import NotAnImageModel, load_image_model
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.images_protocol import (
@@ -33,6 +35,7 @@ from vllm_zipar.serving.images_protocol import (
 from vllm_zipar.serving.lifecycle import RouteLifecycle
 from vllm_zipar.serving.pixels import PixelRenderer
 from vllm_zipar.serving.request_body import body_limits
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.seeding import image_seed
 
@@ -64,7 +67,7 @@ class ImageJob:
 class FinishedImage:
     job: ImageJob
     grid: torch.Tensor  # [H, W] vocabulary ids of the visual tokens, raster order
-    stats: dict[str, Any]
+    stats: ImageStats
     seconds: float
 
 
@@ -172,7 +175,7 @@ class ImageService:
             final = out
             if on_output is not None and not out.finished:
                 on_output(job, out)
-        stats = ((final.kv_transfer_params or {}).get("zipar") if final is not None else None) or None
+        stats = ImageStats.of_output(final.kv_transfer_params) if final is not None else None
         if stats is None:
             reason = final.outputs[0].finish_reason if final is not None else "no output"
             raise RuntimeError(f"image request {job.request_id} ended without image stats ({reason})")
@@ -190,10 +193,10 @@ class ImageService:
         self.log.info(
             "image %s: decoding=%s window=%s cfg_scale=%s passes=%d seconds=%.3f",
             image.job.request_id,
-            image.stats["decoding"],
-            image.stats.get("window"),
-            image.stats.get("cfg_scale", 1.0),
-            image.stats["passes"],
+            image.stats.decoding,
+            image.stats.window,
+            image.stats.cfg_scale,
+            image.stats.passes,
             image.seconds,
         )
 

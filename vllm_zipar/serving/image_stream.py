@@ -20,6 +20,7 @@ from fastapi import Request
 from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_service import ImageJob, ImageService
 from vllm_zipar.serving.images_protocol import ImageAPIError, ImageGenerationRequest
+from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.shape import passes_for, plan_shape
 
 
@@ -130,19 +131,20 @@ def partial_grid(
     """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
     grid = service.requests.grid_from_output(token_ids, job.decoding, job.layout, partial=True)
     missing = grid < 0
-    grid[missing] = service.model.visual_tokens.start  # any valid code: these cells are painted over
+    # Any visual token will do: these cells are painted over.
+    grid[missing] = service.model.visual_tokens.code_to_id(torch.zeros_like(grid[missing]))
     return grid, missing
 
 
 def decoding_progress(
-    job: ImageJob, missing: torch.Tensor | None = None, stats: dict[str, Any] | None = None
+    job: ImageJob, missing: torch.Tensor | None = None, stats: ImageStats | None = None
 ) -> dict[str, Any]:
     """Extension field `zipar` of stream events: engine passes and cells decoded so far (docs/serving.md).
     A partial image's passes are those its decoded cells needed (the plan's order); the completed image's
     are the engine's count."""
     order = plan_shape(job.layout, job.decoding.window, job.decoding.uncond_prompt_len).sampled_at
     decoded = None if missing is None else (~missing).flatten().tolist()
-    passes = stats["passes"] if stats is not None else passes_for(order, decoded)
+    passes = stats.passes if stats is not None else passes_for(order, decoded)
     cells = len(order) if decoded is None else sum(decoded)
     return {"passes": passes, "cells_decoded": cells, "cells": len(order)}
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_zipar.models.image_model import QUOTE_CHARS, quote
+from vllm_zipar.models.prompt_error import QUOTE_CHARS, quote
 from vllm_zipar.zipar.seeding import MAX_REQUEST_SEED
 
 MAX_IMAGES = 10

@@ -8,9 +8,9 @@ collector when it sets up its own loggers, so ours are (re-)registered on use, k
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from prometheus_client import REGISTRY, Counter, Histogram
+
+from vllm_zipar.zipar.image_stats import ImageStats
 
 IMAGES = Counter("vllm:zipar_images", "Images generated, by decoding mode.", ["decoding"], registry=None)
 PASSES_PER_IMAGE = Histogram(
@@ -37,12 +37,12 @@ def ensure_registered() -> None:
             REGISTRY.register(collector)
 
 
-def record_image(stats: Mapping[str, object]) -> None:
-    """Record one finished image from the `zipar` stats its request output carries."""
+def record_image(stats: ImageStats) -> None:
+    """Record one finished image from the stats its request output carries."""
     ensure_registered()
-    label = str(stats["decoding"])
+    label = stats.decoding
     IMAGES.labels(label).inc()
-    PASSES_PER_IMAGE.labels(label).observe(float(stats["passes"]))  # type: ignore[arg-type]
+    PASSES_PER_IMAGE.labels(label).observe(float(stats.passes))
     histogram = CELLS_PER_PASS.labels(label)
-    for cells in stats["cells_per_pass"]:  # type: ignore[union-attr]
+    for cells in stats.cells_per_pass:
         histogram.observe(cells)

@@ -8,7 +8,7 @@ H×W grids (`ImageRequests`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.registry import load_image_model
 from vllm_zipar.serving.image_requests import ImageRequests, image_engine_args
 from vllm_zipar.serving.metrics import record_image
+from vllm_zipar.zipar.image_stats import ImageStats
 
 
 @dataclass
@@ -29,7 +30,7 @@ class GeneratedImage:
     passes: int  # forward passes the engine spent on this image, prefill included
     cells_per_pass: list[int]  # grid cells sampled in each of those passes
     cfg_scale: float = 1.0  # classifier-free guidance it was decoded with (1: none)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: ImageStats | None = None  # everything the engine reported about this image
 
     @property
     def class_label(self) -> str | int:
@@ -144,7 +145,7 @@ class ImageGenerator:
         return self.llm.llm_engine.has_unfinished_requests()
 
     def image_from_output(self, out: Any, prompt: str | int, seed: int | None) -> GeneratedImage:
-        stats = (out.kv_transfer_params or {}).get("zipar")
+        stats = ImageStats.of_output(out.kv_transfer_params)
         if stats is None:
             raise RuntimeError(
                 f"request {out.request_id} finished without image stats ({out.outputs[0].finish_reason})"
@@ -156,9 +157,9 @@ class ImageGenerator:
             prompt=prompt,
             seed=seed,
             tokens=self.requests.grid_from_output(out.outputs[0].token_ids, decoding, layout),
-            passes=stats["passes"],
-            cells_per_pass=stats["cells_per_pass"],
-            cfg_scale=stats.get("cfg_scale", 1.0),
+            passes=stats.passes,
+            cells_per_pass=list(stats.cells_per_pass),
+            cfg_scale=stats.cfg_scale,
             stats=stats,
         )
 

@@ -1,6 +1,7 @@
 """Token grids to encoded images on a thread of their own: the route's VQ decoding stays off the event loop.
 
-The decoder is the model family's (`ImageModel.load_decoder`), loaded once in that thread. Partial images
+The decoder is the model family's (`ImageModel.load_decoder`, an `ImageDecoder`), loaded once in that thread
+and moved to the GPU when there is one. Partial images
 paint the cells not decoded yet grey.
 """
 
@@ -40,7 +41,7 @@ class PixelRenderer:
     def _decoder(self):
         if self._vq is None:
             vq = self.model.load_decoder()
-            self._vq = vq.cuda() if torch.cuda.is_available() else vq
+            self._vq = vq.to("cuda") if torch.cuda.is_available() else vq
         return self._vq
 
     def _decode(self, grids: torch.Tensor, masks: torch.Tensor | None = None):

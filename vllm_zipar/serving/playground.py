@@ -26,15 +26,14 @@ def model_info(service: Any) -> dict[str, Any]:
     """What the page needs to know about the served model (`service`: image_service.ImageService)."""
     model = service.model
     default = service.requests.default_decoding
-    described = model.describe()
     return {
-        **described,
+        **model.describe(),
         "model": service.served_names[0],
-        "num_classes": described.get("num_classes"),
-        "class_names": described.get("class_names"),
+        "num_classes": model.num_classes,
+        "class_names": model.class_names,
         "default_decoding": default.decoding,
         "default_window": default.window,
-        "sampling_defaults": dict(model.sampling_defaults),
+        "sampling_defaults": model.sampling_defaults.to_dict(),
         "max_partial_frames": MAX_PARTIAL_FRAMES,
     }
 

@@ -6,9 +6,9 @@ registered again on use) and shown on vLLM's `/metrics` next to `vllm:zipar_*` p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from prometheus_client import REGISTRY, Counter, Histogram
+
+from vllm_zipar.zipar.image_stats import ImageStats
 
 IMAGES_SERVED = Counter(
     "vllm:zipar_images_served", "Images returned by POST /v1/images/generations.", ["decoding"], registry=None
@@ -30,8 +30,8 @@ def ensure_route_metrics() -> None:
             REGISTRY.register(collector)
 
 
-def record_served(stats: Mapping[str, object], seconds: float) -> None:
+def record_served(stats: ImageStats, seconds: float) -> None:
     ensure_route_metrics()
-    label = str(stats["decoding"])
+    label = stats.decoding
     IMAGES_SERVED.labels(label).inc()
     SECONDS_PER_IMAGE.labels(label).observe(seconds)

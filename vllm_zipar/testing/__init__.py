@@ -1,1 +1,4 @@
-"""Helpers for tests and benchmarks, outside the runtime path: tiny model files in the real formats."""
+"""Helpers for tests and benchmarks: random model directories in the families' real formats.
+
+Nothing here is imported when serving; the CLI's `write-random-model` and the benchmarks use it too.
+"""
