@@ -28,7 +28,8 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         choices=["zipar", "ntp"],
         default=None,
         help="Serve MODEL_DIR (a vllm-zipar LlamaGen model directory) as an image model: sets the engine "
-        "arguments it needs (dtype float32, our scheduler and worker, ...) unless given, and enables "
+        "arguments it needs (our scheduler and worker, dtype float32 on the CPU / bfloat16 on CUDA, ...) "
+        "unless given (--hf-overrides is merged with the model's), and enables "
         "POST /v1/images/generations. The engine's default decoding; requests may override it.",
     )
     group.add_argument(
