@@ -7,7 +7,12 @@ DEMO_ARGS ?= --serve --num-classes 10
 # `make train-demo`: one torch thread reproduces the shipped models/digits bit for bit (docs/demo_model.md).
 TRAIN_DEMO_ARGS ?= --threads 1
 
-.PHONY: install demo test lint clean train-demo quality serve
+# What `make lint` checks (ruff's rules and its formatting); `make typecheck` checks pyproject's [tool.mypy] files.
+LINT_PATHS := vllm_zipar tests benchmarks
+# `make test-fast`: everything but the tests that start an engine, a server, several workers or a Ray cluster.
+FAST_TESTS := not engine and not serving and not parallel and not ray
+
+.PHONY: install demo test test-fast lint typecheck clean train-demo quality serve
 
 install:
 	bash scripts/install.sh
@@ -24,11 +29,19 @@ SERVE_MODEL ?= models/digits
 serve: install
 	.venv/bin/vllm serve $(SERVE_MODEL) --decoding zipar --zipar-window 8 $(SERVE_ARGS)
 
-test: install
+# Lint and types first (seconds): a lint error fails `make test` (and so CI's .ci/run) before any test runs.
+test: install lint typecheck
 	$(PY) -m pytest -q -ra --durations=15
 
+test-fast: install lint typecheck
+	$(PY) -m pytest -q -ra --durations=15 -m "$(FAST_TESTS)"
+
 lint: install
-	$(PY) -m ruff check vllm_zipar tests
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+typecheck: install
+	$(PY) -m mypy
 
 # Train the shipped demo model (models/digits/) from scikit-learn's digits: 55 min measured from a fresh clone.
 train-demo: install
@@ -41,4 +54,4 @@ quality: install
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) benchmarks/quality.py $(QUALITY_ARGS)
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

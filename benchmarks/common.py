@@ -36,8 +36,14 @@ def random_model(name: str, shape: dict[str, Any]) -> Path:
 # A reduced Emu3-Gen (the real one: hidden 4096, 32 layers, 32 heads, 8 KV heads, codebook 32768) that fits
 # this CPU, in the Hugging Face layout, with the real codebook and the real 720x720 -> 90x90 grid.
 EMU3_REDUCED = dict(
-    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=704, codebook_size=32768, max_position_embeddings=9216, image_area=720 * 720,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=704,
+    codebook_size=32768,
+    max_position_embeddings=9216,
+    image_area=720 * 720,
 )
 # --quick: the same layers, a small codebook, 128x128 -> 16x16.
 EMU3_SMALL = {**EMU3_REDUCED, "codebook_size": 1024, "image_area": 128 * 128}

@@ -91,8 +91,17 @@ def expected(generator, oracle, prompt, size, window, *, negative=None, scale=1.
     visual = (model.visual_tokens.ids.start, model.visual_tokens.ids.stop)
     sampling = SAMPLING if seed is not None else dict(temperature=0.0)
     return zipar_decode_eol(
-        oracle, cond, rows, cols, eol_id=model.eol_token, visual=visual, window=window,
-        negative_prompt_ids=uncond, cfg_scale=scale, seed=seed, **sampling,
+        oracle,
+        cond,
+        rows,
+        cols,
+        eol_id=model.eol_token,
+        visual=visual,
+        window=window,
+        negative_prompt_ids=uncond,
+        cfg_scale=scale,
+        seed=seed,
+        **sampling,
     )
 
 
@@ -102,12 +111,18 @@ def hf_generate(hf_model, generator, prompt_ids, rows, cols, *, negative_ids=Non
     model = generator.model
     tokens = model.tokens
     ids = Emu3SpecialIds(
-        image_wrapper=prompt_ids[-1], eol=tokens.eol, eof=tokens.eof, image_end=tokens.eoi, eos=tokens.eos,
-        pad=tokens.pad, visual=(tokens.visual_start, tokens.visual_stop),
+        image_wrapper=prompt_ids[-1],
+        eol=tokens.eol,
+        eof=tokens.eof,
+        image_end=tokens.eoi,
+        eos=tokens.eos,
+        pad=tokens.pad,
+        visual=(tokens.visual_start, tokens.visual_stop),
     )
     out = torch.tensor(
-        hf_generate_image(hf_model, prompt_ids, rows, cols, ids, negative_prompt_ids=negative_ids,
-                          guidance_scale=scale)
+        hf_generate_image(
+            hf_model, prompt_ids, rows, cols, ids, negative_prompt_ids=negative_ids, guidance_scale=scale
+        )
     )
     grid = out[: rows * (cols + 1)].view(rows, cols + 1)
     assert (grid[:, cols] == tokens.eol).all()
@@ -215,8 +230,14 @@ def test_forced_preemption_keeps_every_image_exact(backend, model_dir, oracle):
     # others; a 32-token budget cuts the recomputes into chunks. max_model_len fits the largest request
     # here (the model's default reserves room for 512-token prompts).
     generator = engine_on(
-        backend, model_dir, max_num_seqs=6, block_size=32, num_gpu_blocks_override=12,
-        max_num_batched_tokens=32, enable_chunked_prefill=True, max_model_len=352,
+        backend,
+        model_dir,
+        max_num_seqs=6,
+        block_size=32,
+        num_gpu_blocks_override=12,
+        max_num_batched_tokens=32,
+        enable_chunked_prefill=True,
+        max_model_len=352,
     )
     with generator:
         finished = run_staggered(generator, every=2, batch=3)

@@ -60,7 +60,11 @@ def post(server, body) -> httpx.Response:
 @pytest.mark.parametrize("size, grid", [("64x64", (8, 8)), ("72x56", (7, 9)), ("48x88", (11, 6))])
 def test_a_text_prompt_gives_a_png_of_the_requested_size(client, size, grid):
     response = client.images.generate(
-        model=MODEL, prompt="a red cat", size=size, n=2, response_format="b64_json",
+        model=MODEL,
+        prompt="a red cat",
+        size=size,
+        n=2,
+        response_format="b64_json",
         extra_body={"seed": 3, "guidance_scale": 2.0, "negative_prompt": NEGATIVE, "return_tokens": True},
     )
     assert response.size == size
@@ -82,9 +86,16 @@ def test_tokens_equal_the_oracle(served, client):
     size = model.size("56x72")
     hf = Emu3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected, _ = zipar_decode_eol(
-        ReferenceEmu3.from_hf(hf), model.prompt_ids("a blue dog", size), 9, 7, eol_id=model.eol_token,
-        visual=(model.visual_tokens.ids.start, model.visual_tokens.ids.stop), window=2,
-        negative_prompt_ids=model.unconditional_prompt_ids(NEGATIVE, size), cfg_scale=3.0, temperature=0.0,
+        ReferenceEmu3.from_hf(hf),
+        model.prompt_ids("a blue dog", size),
+        9,
+        7,
+        eol_id=model.eol_token,
+        visual=(model.visual_tokens.ids.start, model.visual_tokens.ids.stop),
+        window=2,
+        negative_prompt_ids=model.unconditional_prompt_ids(NEGATIVE, size),
+        cfg_scale=3.0,
+        temperature=0.0,
     )
     assert torch.equal(tokens, expected)
 

@@ -70,8 +70,16 @@ def page(browser, server):
     page.close()
 
 
-def fill(page, *, prompt: str, seed: int, window: int = 4, decoding: str = "zipar", frames: int = 16,
-         race: bool = False) -> None:
+def fill(
+    page,
+    *,
+    prompt: str,
+    seed: int,
+    window: int = 4,
+    decoding: str = "zipar",
+    frames: int = 16,
+    race: bool = False,
+) -> None:
     page.fill("#prompt", prompt)
     page.check("input[name=mode][value=race]" if race else "input[name=mode][value=single]")
     page.select_option("#decoding", decoding)
@@ -103,8 +111,12 @@ def canvas_rgb(page, run: int) -> np.ndarray:
 
 
 def api(server, body: dict) -> httpx.Response:
-    return httpx.post(server.url + "/v1/images/generations", content=json.dumps(body).encode(),
-                      headers={"content-type": "application/json"}, timeout=WAIT_MS / 1000)
+    return httpx.post(
+        server.url + "/v1/images/generations",
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        timeout=WAIT_MS / 1000,
+    )
 
 
 def api_rgb(server, body: dict) -> np.ndarray:
@@ -140,8 +152,17 @@ def test_page_streams_partial_frames_and_ends_on_the_apis_image(page, server):
     assert run["error"] is None and run["title"] == "ZipAR-4"
     check_streamed(run, zipar_steps(GRID, GRID, 4, False))
     cfg = float(page.input_value("#cfg-scale"))  # the model's default, shown by the page
-    expected = api_rgb(server, {"prompt": "seven", "seed": 3, "decoding": "zipar", "zipar_window": 4,
-                                "cfg_scale": cfg, "model": MODEL})
+    expected = api_rgb(
+        server,
+        {
+            "prompt": "seven",
+            "seed": 3,
+            "decoding": "zipar",
+            "zipar_window": 4,
+            "cfg_scale": cfg,
+            "model": MODEL,
+        },
+    )
     shown = canvas_rgb(page, 0)
     assert shown.shape == expected.shape == (32, 32, 3)
     assert np.array_equal(shown, expected), f"{(shown != expected).any(-1).sum()} pixels differ"

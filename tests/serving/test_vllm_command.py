@@ -120,3 +120,60 @@ def test_route_bounds_become_environment_variables(model_dir):
     assert env["VLLM_ZIPAR_REQUEST_BODY_TIMEOUT"] == "2.5"
     with pytest.raises(CommandError, match="--drain-timeout"):
         serve_argv(["serve", model_dir, "--decoding", "ntp", "--drain-timeout", "-1"], {})
+
+
+@pytest.fixture(scope="module")
+def emu3_dir(tmp_path_factory):
+    """A tiny Emu3 whose family overrides `architectures` and `text_config.max_position_embeddings`."""
+    from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
+
+    path = tmp_path_factory.mktemp("cmd-emu3") / "tiny-emu3"
+    write_random_emu3_dir(path, seed=0, max_position_embeddings=32)
+    return str(path)
+
+
+def test_user_hf_overrides_are_merged_with_the_familys(emu3_dir):
+    """JSON and vLLM's dotted spelling, any spelling of the name: one merged `--hf-overrides` goes to vLLM."""
+    argv = serve_argv(
+        ["serve", emu3_dir, "--decoding", "ntp", "--hf-overrides", '{"text_config": {"rope_theta": 5.0}}',
+         "--hf_overrides.text_config.tie_word_embeddings", "false", "--hf-overrides.use_cache=true"],
+        {},
+    )  # fmt: skip
+    assert [arg for arg in argv if "overrides" in arg] == ["--hf-overrides"]
+    assert json.loads(value_of(argv, "--hf-overrides")) == {
+        "architectures": ["Emu3ForImageGeneration"],
+        "text_config": {"max_position_embeddings": 1612, "rope_theta": 5.0, "tie_word_embeddings": False},
+        "use_cache": True,
+    }
+
+
+def test_the_merged_hf_overrides_reach_vllms_engine_arguments(emu3_dir):
+    """vLLM's own `serve` parser reads the arguments our command hands it (no server is started)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = serve_argv(
+        ["serve", emu3_dir, "--decoding", "ntp", "--hf-overrides.text_config.rope_theta", "5"], {}
+    )
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[1:])
+    args.model = args.model_tag
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.hf_overrides == {
+        "architectures": ["Emu3ForImageGeneration"],
+        "text_config": {"max_position_embeddings": 1612, "rope_theta": 5},
+    }
+    assert engine_args.dtype == "float32"  # this machine is vLLM's CPU platform
+
+
+def test_hf_overrides_that_drop_our_model_class_are_refused_before_vllm_starts(emu3_dir):
+    drop = json.dumps({"architectures": ["Emu3ForConditionalGeneration"]})
+    with pytest.raises(CommandError, match="--hf-overrides: .*drop 'architectures'"):
+        serve_argv(["serve", emu3_dir, "--decoding", "ntp", "--hf-overrides=" + drop], {})
+    with pytest.raises(CommandError, match="--hf-overrides must be a JSON object"):
+        serve_argv(["serve", emu3_dir, "--decoding", "ntp", "--hf-overrides", "[1]"], {})
+
+
+def test_without_decoding_hf_overrides_are_vllms(emu3_dir):
+    argv = ["serve", emu3_dir, "--hf-overrides", '{"architectures": ["X"]}']
+    assert serve_argv(argv, {}) == argv

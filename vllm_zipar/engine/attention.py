@@ -243,4 +243,3 @@ class ZipARCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[ZipARCPUAttentionImpl]:
         return ZipARCPUAttentionImpl
-

@@ -39,6 +39,7 @@ EXTRA_SPECIAL_TOKENS = {
     "eof_token": EOF_TOKEN,
 }
 
+
 def emu3_visual_tokens(vocabulary_map: dict[str, int]) -> tuple[int, int]:
     """(start, stop): the ids of `<|visual token NNNNNN|>`, code i = id start + i, as one contiguous range."""
     ids = {}

@@ -62,7 +62,11 @@ class Emu3ImageModel(ImageModel):
             return {}
         options = json.loads(path.read_text())
         unknown = set(options) - {
-            "image_area", "ratios", "positive_prompt_suffix", "negative_prompt", "sampling_defaults"
+            "image_area",
+            "ratios",
+            "positive_prompt_suffix",
+            "negative_prompt",
+            "sampling_defaults",
         }
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
@@ -165,8 +169,9 @@ class Emu3ImageModel(ImageModel):
         try:
             return self._image_prompt(negative_prompt, size)
         except PromptError as err:
-            raise PromptError(str(err).replace("the prompt", "the negative prompt"), err.code,
-                              "negative_prompt") from None
+            raise PromptError(
+                str(err).replace("the prompt", "the negative prompt"), err.code, "negative_prompt"
+            ) from None
 
     def max_model_len(self) -> int:
         rows, cols = max((s.grid for s in self.sizes()), key=lambda g: g[0] * (g[1] + 1))

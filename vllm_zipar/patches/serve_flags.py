@@ -29,9 +29,9 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         choices=["zipar", "ntp"],
         default=None,
         help="Serve MODEL_DIR (an image model directory of any family vllm-zipar registers) as an image "
-        "model: sets the engine arguments it needs (dtype float32, our scheduler and worker, ...) unless "
-        "given, and enables POST /v1/images/generations. The engine's default decoding; requests may "
-        "override it.",
+        "model: sets the engine arguments it needs (our scheduler and worker, dtype float32 on the CPU / "
+        "bfloat16 on CUDA, ...) unless given (--hf-overrides is merged with the model's), and enables "
+        "POST /v1/images/generations. The engine's default decoding; requests may override it.",
     )
     group.add_argument(
         "--zipar-window",

@@ -69,7 +69,14 @@ def save_animation(frames: list[Image.Image], out: Path, frame_ms: int, hold_ms:
 
 
 def animate(
-    model_dir: Path, out: Path, *, prompt: str, window: int, seed: int, zoom: int = 4, frame_ms: int = 40,
+    model_dir: Path,
+    out: Path,
+    *,
+    prompt: str,
+    window: int,
+    seed: int,
+    zoom: int = 4,
+    frame_ms: int = 40,
     hold_ms: int = 2000,
 ) -> dict[str, int]:
     """Decode `prompt` with NTP and ZipAR-`window` (same seed) and write the animation; returns the passes."""

@@ -1,5 +1,6 @@
 """What every front-end (offline `ImageGenerator`, the HTTP route) needs to turn an image request into vLLM
-inputs and back: engine arguments, prompts, `SamplingParams`, and output tokens to the H×W grid.
+inputs and back: prompts, `SamplingParams`, and output tokens to the H×W grid (engine arguments:
+`engine_args.py`).
 
 Plain functions of the served `ImageModel` (models/registry.py); no engine is touched here, so validation
 errors surface in the front-end (a malformed request must never reach the engine core, where an exception
@@ -8,7 +9,6 @@ would take the engine down).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,39 +22,6 @@ from vllm_zipar.models.image_prompts import ImageSize
 from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.shape import plan_shape
-
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-
-
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def image_engine_args(
-    model: ImageModel, decoding: ImageDecoding, overrides: dict[str, Any]
-) -> dict[str, Any]:
-    """vLLM engine arguments for serving `model` with our scheduler, worker and decoding default."""
-    from vllm_zipar.engine import SCHEDULER_CLS, worker_cls_name
-
-    kwargs: dict[str, Any] = {
-        "model": str(model.model_dir),
-        "skip_tokenizer_init": True,
-        "dtype": "float32",
-        "worker_cls": worker_cls_name(),
-        "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"zipar": {"decoding": decoding.decoding, "window": decoding.window}},
-        "enforce_eager": True,
-        **model.engine_args(),
-    }
-    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "gpu_memory_utilization" not in overrides and _on_cpu():
-        # vLLM sizes the CPU KV cache from the NUMA node minus this process's memory; its 0.92 default
-        # does not fit next to the model, and a fraction shrinks as the process grows. A fixed size is
-        # predictable (1 GiB holds ~1,700 LlamaGen-B images of 24x24 tokens).
-        kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
-    kwargs.update(overrides)
-    return kwargs
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,14 @@ class ImageService:
                     one.params.output_kind = RequestOutputKind.FINAL_ONLY
                 jobs.append(
                     ImageJob(
-                        index, f"img-{base}-{index}", one.prompt, one.params, one.decoding, seed,
-                        one.layout, one.size,
+                        index,
+                        f"img-{base}-{index}",
+                        one.prompt,
+                        one.params,
+                        one.decoding,
+                        seed,
+                        one.layout,
+                        one.size,
                     )
                 )
         except PromptError as err:

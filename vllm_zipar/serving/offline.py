@@ -16,7 +16,8 @@ import torch
 
 from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.registry import load_image_model
-from vllm_zipar.serving.image_requests import ImageRequests, image_engine_args
+from vllm_zipar.serving.engine_args import image_engine_args
+from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.metrics import record_image
 from vllm_zipar.zipar.image_stats import ImageStats
 
@@ -48,7 +49,8 @@ class ImageGenerator:
         zipar_window: int | None = 8,
         **engine_kwargs: Any,
     ) -> None:
-        """`decoding`/`zipar_window` are the engine defaults; each `generate` call may override them."""
+        """`decoding`/`zipar_window` are the engine defaults; each `generate` call may override them.
+        `engine_kwargs` go to `vllm.LLM` over ours (`image_engine_args`; `hf_overrides` is merged)."""
         from vllm import LLM
 
         self.model_dir = Path(model_dir)

@@ -54,8 +54,14 @@ def attach_playground(app: FastAPI) -> None:
     async def info(request: Request) -> JSONResponse:
         service = getattr(request.app.state, "zipar_images", None)
         if service is None:
-            body = {"error": {"message": "This server's model is not a vllm-zipar image model.",
-                              "type": "invalid_request_error", "param": None, "code": "model_not_supported"}}
+            body = {
+                "error": {
+                    "message": "This server's model is not a vllm-zipar image model.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "model_not_supported",
+                }
+            }
             return JSONResponse(body, status_code=404)
         return JSONResponse(model_info(service))
 

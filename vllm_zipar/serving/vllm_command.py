@@ -3,11 +3,12 @@
 vLLM has no hook for plugin flags on `vllm serve`, so (as vLLM-Omni does for `--omni`) this package installs
 the `vllm` console script. It applies our CLI patches (`vllm_zipar.patches`: the CPU build's version lookup,
 the flags in `--help`), takes `--decoding` / `--zipar-window` out of the arguments, adds the engine arguments
-an image model needs unless the user gave them (`image_engine_args`), allow-lists our HTTP route in
-`VLLM_PLUGINS`, and hands everything else to `vllm.entrypoints.cli.main.main` unchanged. Without `--decoding`
-it is exactly vLLM's command. The route's bounds (`--drain-timeout`, `--max-request-bytes`,
-`--request-body-timeout`) reach the API server as environment variables. Once vLLM returns, the command exits
-non-zero if the engine died under the route (vLLM itself exits 0 then).
+an image model needs unless the user gave them (`engine_args.image_engine_args`; the user's `--hf-overrides`
+goes back merged with the family's), allow-lists our HTTP route in `VLLM_PLUGINS`, and hands everything else
+to `vllm.entrypoints.cli.main.main` unchanged. Without `--decoding` it is exactly vLLM's command. The route's
+bounds (`--drain-timeout`, `--max-request-bytes`, `--request-body-timeout`) reach the API server as
+environment variables. Once vLLM returns, the command exits non-zero if the engine died under the route
+(vLLM itself exits 0 then).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from argparse import ArgumentTypeError
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ENDPOINT_PLUGIN_NAME = "vllm_zipar_images"
 DEFAULT_ZIPAR_WINDOW = 8
@@ -27,6 +30,8 @@ ROUTE_FLAGS = {
     "--request-body-timeout": ("VLLM_ZIPAR_REQUEST_BODY_TIMEOUT", float),
 }
 OUR_FLAGS = ("--decoding", "--zipar-window", *ROUTE_FLAGS)
+# Taken out of argv and given back merged with the family's (engine_args.merge_hf_overrides).
+HF_OVERRIDES = "--hf-overrides"
 
 
 class CommandError(ValueError):
@@ -66,6 +71,64 @@ def take_our_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return rest, found
 
 
+def take_hf_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """`argv` without the user's `--hf-overrides` (`--hf-overrides JSON`, `--hf-overrides=JSON`, or vLLM's
+    dotted `--hf-overrides.key.sub VALUE`), and their values merged into one dict (None: none given)."""
+    from vllm_zipar.serving.engine_args import deep_merge
+
+    names = _flag_names(HF_OVERRIDES)
+    rest: list[str] = []
+    found: dict[str, Any] | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        head, dot, path = name.partition(".")
+        if head not in names:
+            rest.append(arg)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise CommandError(f"{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        found = deep_merge(found or {}, _dotted_value(path, value) if dot else _json_object(name, value))
+        i += 1
+    return rest, found
+
+
+def _json_object(flag: str, value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"{flag} must be a JSON object, got {value!r} ({err})") from None
+    if not isinstance(parsed, dict):
+        raise CommandError(f"{flag} must be a JSON object, got {value!r}")
+    return parsed
+
+
+def _dotted_value(path: str, value: str) -> dict[str, Any]:
+    """`--hf-overrides.a.b VALUE` as `{"a": {"b": VALUE}}`, VALUE read as vLLM's parser reads it (JSON, else
+    a number like `80k`, else the string; `a.b+ x,y` is the list `["x", "y"]`)."""
+    parsed: Any
+    if path.endswith("+"):
+        path, parsed = path[:-1], value.split(",")
+    else:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            from vllm.utils.argparse_utils import human_readable_int
+
+            try:
+                parsed = human_readable_int(value)
+            except (ValueError, TypeError, ArgumentTypeError):
+                parsed = value
+    for key in reversed(path.split(".")):
+        parsed = {key: parsed}
+    return parsed
+
+
 def model_of(argv: Sequence[str]) -> str | None:
     """The model of `serve` arguments (`argv[0]` is "serve"): `--model X` or the first positional."""
     for i, arg in enumerate(argv):
@@ -78,11 +141,18 @@ def model_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequence[str]) -> list[str]:
-    """The `vllm serve` flags our engine arguments become, leaving out every one the user set."""
+def engine_flags(
+    model_dir: str,
+    decoding: str,
+    window: int | None,
+    argv: Sequence[str],
+    user_hf_overrides: dict[str, Any] | None = None,
+) -> list[str]:
+    """The `vllm serve` flags our engine arguments become, leaving out every one the user set (`argv`);
+    `--hf-overrides` is the family's merged with `user_hf_overrides` (already taken out of `argv`)."""
     from vllm_zipar.engine.request_config import ImageDecoding
     from vllm_zipar.models.registry import load_image_model
-    from vllm_zipar.serving.image_requests import image_engine_args
+    from vllm_zipar.serving.engine_args import HfOverridesError, image_engine_args
 
     try:
         model = load_image_model(model_dir)
@@ -93,7 +163,11 @@ def engine_flags(model_dir: str, decoding: str, window: int | None, argv: Sequen
     for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"):
         if _has_flag(argv, "--" + key.replace("_", "-")):
             user_set[key] = True
-    kwargs = image_engine_args(model, chosen, {})
+    overrides = {} if user_hf_overrides is None else {"hf_overrides": user_hf_overrides}
+    try:
+        kwargs = image_engine_args(model, chosen, overrides)
+    except HfOverridesError as err:
+        raise CommandError(f"--hf-overrides: {err}") from None
     if user_set:  # the user sized the KV cache: our CPU default must not compete with it
         kwargs.pop("kv_cache_memory_bytes", None)
     flags: list[str] = []
@@ -187,7 +261,8 @@ def serve_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[s
     model = model_of(rest)
     if model is None or not Path(model, "config.json").is_file():
         raise CommandError(f"--decoding needs a model directory with a config.json, got {model!r}")
-    flags = engine_flags(model, decoding, window, rest)
+    rest, user_hf_overrides = take_hf_overrides(rest)
+    flags = engine_flags(model, decoding, window, rest, user_hf_overrides)
     allow_our_route(environ)
     return rest + flags
 

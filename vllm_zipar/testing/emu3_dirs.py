@@ -32,7 +32,6 @@ _WORDS = (
 ).split()
 
 
-
 def build_tiny_tokenizer(codebook_size: int):
     """A byte-level BPE tokenizer shaped like Emu3's: text (bytes + `_WORDS`), special tokens, then codes.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import operator
 from dataclasses import dataclass
+from typing import SupportsIndex
 
 from .layout import GridLayout
 
@@ -73,14 +74,10 @@ def check_window(window: object) -> int | None:
     """``window`` as an int >= 1, or None (next-token prediction); anything else raises ValueError."""
     if window is None:
         return None
-    if isinstance(window, bool):
+    # SupportsIndex is what operator.index takes: numpy ints too, not 2.5 or "3".
+    if isinstance(window, bool) or not isinstance(window, SupportsIndex):
         raise ValueError(f"window={window!r} must be an int >= 1, or None for next-token prediction")
-    try:
-        value = operator.index(window)  # accepts numpy ints; rejects 2.5 and "3"
-    except TypeError:
-        raise ValueError(
-            f"window={window!r} must be an int >= 1, or None for next-token prediction"
-        ) from None
+    value = operator.index(window)
     if value < 1:
         raise ValueError(f"window={value} must be >= 1 (or None for next-token prediction)")
     return value
@@ -230,7 +227,7 @@ class ZipARPlan:
             if above >= needed:
                 starts = s
                 first = pos(s, 0)
-                if layout.eol:
+                if layout.eol_token is not None:  # an EOL layout (GridLayout: eol <=> eol_token)
                     entry = FedInput(layout.eol_token, pos(s - 1, W), FeedKind.REAL, first, step)
                 elif above == W:
                     # The row above is complete: its real last token predicts the new row's first cell,

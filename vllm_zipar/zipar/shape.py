@@ -43,7 +43,10 @@ def plan_shape(layout: GridLayout, window: int | None, uncond_prompt_len: int | 
     while True:
         predicted = [f for f in inputs if f.predicts is not None and f.stream != UNCONDITIONAL]
         for f in predicted:
-            passes[layout.image_index(f.predicts)] = f.step
+            assert f.predicts is not None  # filtered above; for the type checker
+            cell = layout.image_index(f.predicts)
+            assert cell is not None  # a sampled cell is an image cell, never an EOL
+            passes[cell] = f.step
         plan.record([0] * len(predicted))
         inputs = plan.next_inputs()
         if not inputs:
