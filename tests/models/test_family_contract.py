@@ -113,12 +113,13 @@ def test_prompt_ids_are_ints_within_the_vocabulary(family):
 
 def test_unconditional_prompt_ids(family):
     size = family.native_size
-    check_ids(family, family.unconditional_prompt_ids(None, size))
+    cond = family.prompt_ids(prompt_of(family), size)
+    check_ids(family, family.unconditional_prompt_ids(None, size, cond))
     if family.takes_negative_prompt:
-        check_ids(family, family.unconditional_prompt_ids("a blurry picture", size))
+        check_ids(family, family.unconditional_prompt_ids("a blurry picture", size, cond))
     else:
         with pytest.raises(PromptError) as refused:
-            family.unconditional_prompt_ids("a blurry picture", size)
+            family.unconditional_prompt_ids("a blurry picture", size, cond)
         assert refused.value.param == "negative_prompt"
 
 
@@ -162,7 +163,7 @@ def test_max_model_len_holds_both_guided_streams_of_the_largest_grid(family):
     needed = 0
     for size in family.sizes():
         cond = family.prompt_ids(prompt_of(family), size)
-        uncond = family.unconditional_prompt_ids(None, size)
+        uncond = family.unconditional_prompt_ids(None, size, cond)
         layout = family.layout(len(cond), size.grid)
         for decoding in (ImageDecoding.parse("ntp", None), ImageDecoding.parse("zipar", 1)):
             guided = decoding.with_guidance(Guidance(2.0, len(uncond)))

@@ -14,6 +14,7 @@ negative prompt. A model directory may override them in an optional `zipar.json`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,9 @@ class Emu3ImageModel(ImageModel):
         suffix = self.options.get("positive_prompt_suffix", POSITIVE_PROMPT_SUFFIX)
         return self._image_prompt(prompt + suffix, size)
 
-    def unconditional_prompt_ids(self, negative_prompt: str | None, size: ImageSize) -> list[int]:
+    def unconditional_prompt_ids(
+        self, negative_prompt: str | None, size: ImageSize, prompt_ids: Sequence[int] | None = None
+    ) -> list[int]:
         if negative_prompt is None:
             negative_prompt = self.options.get("negative_prompt", NEGATIVE_PROMPT)
         try:

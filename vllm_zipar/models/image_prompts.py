@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -107,9 +107,12 @@ class ImagePrompts(Protocol):
         """The conditional prompt of one image (PromptError if the model cannot take it)."""
 
     @abstractmethod
-    def unconditional_prompt_ids(self, negative_prompt: str | None, size: ImageSize) -> list[int]:
+    def unconditional_prompt_ids(
+        self, negative_prompt: str | None, size: ImageSize, prompt_ids: Sequence[int] | None = None
+    ) -> list[int]:
         """The prompt classifier-free guidance runs against (`negative_prompt` None: the model's default;
-        PromptError where the model takes no negative prompt)."""
+        PromptError where the model takes no negative prompt). `prompt_ids` is the image's conditional
+        prompt, for families whose unconditional prompt is derived from it (Janus pads it)."""
 
     @property
     def takes_negative_prompt(self) -> bool:

@@ -6,6 +6,7 @@ against the null class. The vocabulary is the codebook, so every id is a visual 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ class LlamaGenImageModel(ImageModel):
     def prompt_ids(self, prompt: str | int, size: ImageSize) -> list[int]:
         return [self.hf_config.class_token_id(self.class_label(prompt))]
 
-    def unconditional_prompt_ids(self, negative_prompt: str | None, size: ImageSize) -> list[int]:
+    def unconditional_prompt_ids(
+        self, negative_prompt: str | None, size: ImageSize, prompt_ids: Sequence[int] | None = None
+    ) -> list[int]:
         if negative_prompt is not None:
             raise PromptError(
                 "negative_prompt is not supported by class-to-image models (guidance runs against the "

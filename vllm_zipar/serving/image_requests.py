@@ -118,7 +118,7 @@ class ImageRequests:
         uncond_ids: list[int] = []
         scale = model.sampling_defaults.cfg_scale if cfg_scale is None else cfg_scale
         if scale != 1.0 or negative_prompt is not None:
-            uncond_ids = model.unconditional_prompt_ids(negative_prompt, chosen_size)
+            uncond_ids = model.unconditional_prompt_ids(negative_prompt, chosen_size, prompt_ids)
         chosen = chosen.with_guidance(self.guidance(len(uncond_ids), cfg_scale, cfg_interval))
         if chosen.guidance is None:
             uncond_ids = []

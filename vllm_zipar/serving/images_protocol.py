@@ -216,8 +216,8 @@ def parse_request(
     if negative_prompt is not None:
         if not limits.negative_prompt:
             raise ImageAPIError(
-                "'negative_prompt' is not supported by this model: class-to-image guidance runs against "
-                "the null class.",
+                "'negative_prompt' is not supported by this model: its guidance runs against its own "
+                "unconditional prompt (class-to-image: the null class).",
                 param="negative_prompt",
                 code="unsupported_parameter",
             )

@@ -36,6 +36,8 @@ TINY_LLAMAGEN = dict(
 )
 # Emu3: the writer's defaults, at 64x64 pixels (an 8x8 grid at 1:1, five aspect ratios).
 TINY_EMU3 = dict(image_area=64 * 64)
+# Janus-Pro: the writer's defaults (head dim 32, 2 layers, 64 codes, an 8x8 grid of 16x16 pixels).
+TINY_JANUS: dict[str, Any] = {}
 
 
 def write_tiny_llamagen_dir(model_dir: str | Path, *, seed: int = 0, **overrides: Any) -> None:
@@ -50,9 +52,16 @@ def write_tiny_emu3_dir(model_dir: str | Path, *, seed: int = 0, **overrides: An
     write_random_emu3_dir(model_dir, seed=seed, **{**TINY_EMU3, **overrides})
 
 
+def write_tiny_janus_dir(model_dir: str | Path, *, seed: int = 0, **overrides: Any) -> None:
+    from vllm_zipar.testing.janus_dirs import write_random_janus_dir
+
+    write_random_janus_dir(model_dir, seed=seed, **{**TINY_JANUS, **overrides})
+
+
 TINY_DIR_WRITERS: dict[str, Callable[..., None]] = {
     "llamagen": write_tiny_llamagen_dir,
     "emu3": write_tiny_emu3_dir,
+    "janus": write_tiny_janus_dir,
 }
 
 

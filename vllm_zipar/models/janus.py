@@ -1,0 +1,220 @@
+"""Janus-Pro's image-generation path as a vLLM model, built from vLLM's tensor-parallel layers.
+
+Follows transformers' `JanusForConditionalGeneration.generate(generation_mode="image")`
+(models/janus/modeling_janus.py): the Llama language model (`text_config`: pre-norm blocks, RMSNorm, SwiGLU,
+grouped-query attention, 1D rotary over `rope_parameters` whose `rotate_half` pairs channel i with
+i + head_dim/2, neox style) on the shared decoder; prompt ids below the text vocabulary enter through
+`embed_tokens`; image codes enter through `generation_embeddings` -> `generation_aligner` (Linear, act,
+Linear) at ids `text_vocab_size + code`, so one batch mixes both; logits come from `generation_head`
+(Linear, act, Linear: one column per code, `vq_config.num_embeddings`), never from `lm_head`. The LM is
+tensor-parallel (vLLM's parallel layers); the generation embeddings, aligner and head are replicated on every
+rank (small: 16384 x 8 embeddings and three hidden-size matrices for Janus-Pro-1B) so every rank computes
+them exactly as transformers does. Not loaded, by design: the understanding path (`model.vision_model.*`,
+`model.aligner.*`), `lm_head` (text generation) and the VQ (`model.vqmodel.*`, decoded by
+`vq/janus_vq.py`). Engines select this class with `hf_overrides={"architectures":
+["JanusForImageGeneration"]}` (`janus_engine_overrides`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.utils import PPMissingLayer
+
+from vllm_zipar.models.llama_decoder import (
+    DecoderSpec,
+    LlamaStyleDecoder,
+    ParamLoader,
+    fused_param_name,
+    unfused_names,
+)
+
+ARCHITECTURE = "JanusForImageGeneration"
+
+# Checkpoint keys (what transformers 5's save_pretrained writes, the deepseek-community layout).
+_LM_PREFIX = "model.language_model."
+_GENERATION_PREFIXES = ("model.generation_embeddings.", "model.generation_aligner.", "model.generation_head.")
+# Keys this class never loads: the understanding path, the text head (tied to embed_tokens), the VQ.
+SKIPPED_PREFIXES = ("model.vision_model.", "model.aligner.", "model.vqmodel.", "lm_head.")
+
+
+def janus_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]:
+    """Engine kwargs (`vllm.LLM(**kwargs)`, `EngineArgs`) that run a Janus directory on this model class.
+
+    vLLM caps `max_model_len` at `text_config.max_position_embeddings`; a guided image holds both streams in
+    one request. Each stream keeps its own positions (the runner supplies them), so raising the text config's
+    `max_position_embeddings` through `hf_overrides` lifts the cap for this engine only, as for Emu3.
+    """
+    text = hf_config.text_config
+    overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    if max_model_len > text.max_position_embeddings:
+        overrides["text_config"] = {"max_position_embeddings": max_model_len}
+    return {"hf_overrides": overrides, "max_model_len": max_model_len}
+
+
+def janus_decoder_spec(text: Any) -> DecoderSpec:
+    """Janus's language model (transformers' `LlamaConfig` fields) as a `DecoderSpec`."""
+    heads = text.num_attention_heads
+    return DecoderSpec(
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=text.num_key_value_heads or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        intermediate_size=text.intermediate_size,
+        rms_norm_eps=text.rms_norm_eps,
+        attention_bias=bool(getattr(text, "attention_bias", False)),
+        mlp_bias=bool(getattr(text, "mlp_bias", False)),
+        hidden_act=text.hidden_act,
+    )
+
+
+def _activation(name: str) -> nn.Module:
+    # transformers' own activation table: the generation MLPs must match its arithmetic exactly.
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class JanusGenerationAligner(nn.Module):
+    """Code embedding -> LM width: `fc1`, then (act, Linear) per hidden layer (transformers'
+    `JanusVQVAEAlignerMLP`, parameter names kept)."""
+
+    def __init__(self, vq: Any) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(vq.embed_dim, vq.projection_dim)
+        self.hidden_layers = nn.ModuleList(
+            [nn.Linear(vq.projection_dim, vq.projection_dim) for _ in range(1, vq.num_hidden_layers)]
+        )
+        self.activation_fn = _activation(vq.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        for layer in self.hidden_layers:
+            x = layer(self.activation_fn(x))
+        return x
+
+
+class JanusGenerationHead(nn.Module):
+    """LM hidden state -> one logit per VQ code (transformers' `JanusVQVAEHead`, parameter names kept)."""
+
+    def __init__(self, vq: Any) -> None:
+        super().__init__()
+        self.proj_out = nn.Linear(vq.image_token_embed_dim, vq.projection_dim)
+        self.activation_fn = _activation(vq.hidden_act)
+        self.vision_head = nn.Linear(vq.projection_dim, vq.num_embeddings)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(self.activation_fn(self.proj_out(hidden)))
+
+
+class JanusForImageGeneration(LlamaStyleDecoder):
+    """vLLM model class for Janus-Pro's image generation (Hugging Face `JanusForConditionalGeneration`
+    directories, generation path only).
+
+    Input ids: `[0, text_vocab_size)` are text (the prompt), `text_vocab_size + c` is VQ code `c` (what the
+    engine feeds back); logits: `[N, num_embeddings]`, column c scoring code c. Pipeline parallel: the
+    embeddings (text and generation) live on the first rank, the final norm and generation head on the last.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        text, vq = config.text_config, config.vq_config
+        self.config = config
+        self.text_config = text
+        self.text_vocab_size = int(text.vocab_size)
+        self.codebook_size = int(vq.num_embeddings)
+        spec = janus_decoder_spec(text)
+        if spec.hidden_act != "silu":
+            raise ValueError(
+                f"Janus language model: hidden_act {spec.hidden_act!r} is not supported (only silu)"
+            )
+        if vq.projection_dim != text.hidden_size or vq.image_token_embed_dim != text.hidden_size:
+            raise ValueError(
+                f"Janus vq_config: projection_dim {vq.projection_dim} and image_token_embed_dim "
+                f"{vq.image_token_embed_dim} must equal the language model's hidden_size {text.hidden_size}"
+            )
+        pp = get_pp_group()
+        if pp.is_first_rank:
+            self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
+            self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
+            self.generation_aligner = JanusGenerationAligner(vq)
+        else:
+            self.embed_tokens = PPMissingLayer()
+            self.generation_embeddings = PPMissingLayer()
+            self.generation_aligner = PPMissingLayer()
+        # Positions can reach max_model_len when an engine raises it past the config (janus_engine_overrides).
+        rotary = get_rope(
+            spec.head_dim,
+            max_position=max(text.max_position_embeddings, vllm_config.model_config.max_model_len),
+            is_neox_style=True,  # transformers' Llama rotate_half: channel i turns with i + head_dim/2
+            rope_parameters=text.rope_parameters,
+        )
+        self.build_decoder(spec, rotary, vllm_config, prefix)
+        self.generation_head = JanusGenerationHead(vq) if pp.is_last_rank else PPMissingLayer()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_image = input_ids >= self.text_vocab_size
+        # Out-of-range lookups are masked to id 0 and their rows replaced below.
+        text = self.embed_tokens(torch.where(is_image, 0, input_ids))
+        if not bool(is_image.any()):
+            return text
+        codes = (input_ids[is_image] - self.text_vocab_size).long()
+        image = self.generation_aligner(self.generation_embeddings(codes))
+        out = text.clone()
+        out[is_image] = image.to(out.dtype)
+        return out
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.generation_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = ParamLoader(self)
+        loaded: set[str] = set()  # our parameter names before q/k/v and gate/up fusion
+        unexpected: list[str] = []
+        for key, tensor in weights:
+            if key.startswith(SKIPPED_PREFIXES):
+                continue  # not the generation path (see the module docstring)
+            name = checkpoint_key_to_param(key)
+            if name is None:
+                unexpected.append(key)
+                continue
+            param_name, shard = fused_param_name(name)
+            if params.held_elsewhere(param_name):
+                continue  # another pipeline rank holds it
+            if param_name not in params:
+                unexpected.append(key)
+                continue
+            params.load(param_name, tensor, shard)
+            loaded.add(name)
+        if unexpected:
+            raise ValueError(
+                f"Janus checkpoint: {len(unexpected)} unexpected weights {sorted(unexpected)[:8]}; expected "
+                f"keys under {[_LM_PREFIX, *_GENERATION_PREFIXES]} or the skipped {list(SKIPPED_PREFIXES)} "
+                f"(num_hidden_layers={self.text_config.num_hidden_layers})"
+            )
+        missing = sorted(
+            name for param_name in params.params for name in unfused_names(param_name) if name not in loaded
+        )
+        if missing:
+            raise ValueError(
+                f"Janus checkpoint: generation-path weights missing for {missing[:8]} ({len(missing)})"
+            )
+        return set(params.params)
+
+
+def checkpoint_key_to_param(key: str) -> str | None:
+    """Our parameter name (before q/k/v and gate/up fusion) for a generation-path key, else None."""
+    if key.startswith(_LM_PREFIX):
+        return key[len(_LM_PREFIX) :]
+    if key.startswith(_GENERATION_PREFIXES):
+        return key[len("model.") :]
+    return None
