@@ -28,6 +28,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from vllm_zipar.models.janus_checkpoint import TEXT_VOCAB_KEY, janus_text_vocab_size
 from vllm_zipar.models.llama_decoder import (
     DecoderSpec,
     LlamaStyleDecoder,
@@ -48,14 +49,26 @@ SKIPPED_PREFIXES = ("model.vision_model.", "model.aligner.", "model.vqmodel.", "
 def janus_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]:
     """Engine kwargs (`vllm.LLM(**kwargs)`, `EngineArgs`) that run a Janus directory on this model class.
 
+    vLLM keeps only sampled ids below `model_config.get_vocab_size()` (`text_config.vocab_size`) when a
+    request samples several tokens in one step (`RejectionSampler.parse_output` in the runner's
+    bookkeeping): ZipAR's image ids, above the text vocabulary, would be dropped. So the engine's
+    `text_config.vocab_size` is raised to text + codebook, and the checkpoint's text vocabulary is kept in
+    `zipar_text_vocab_size` (`janus_text_vocab_size`), which this class and the adapter read.
+
     vLLM caps `max_model_len` at `text_config.max_position_embeddings`; a guided image holds both streams in
     one request. Each stream keeps its own positions (the runner supplies them), so raising the text config's
     `max_position_embeddings` through `hf_overrides` lifts the cap for this engine only, as for Emu3.
     """
     text = hf_config.text_config
-    overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    text_vocab = janus_text_vocab_size(hf_config)
+    text_overrides: dict[str, Any] = {"vocab_size": text_vocab + int(hf_config.vq_config.num_embeddings)}
     if max_model_len > text.max_position_embeddings:
-        overrides["text_config"] = {"max_position_embeddings": max_model_len}
+        text_overrides["max_position_embeddings"] = max_model_len
+    overrides: dict[str, Any] = {
+        "architectures": [ARCHITECTURE],
+        "text_config": text_overrides,
+        TEXT_VOCAB_KEY: text_vocab,
+    }
     return {"hf_overrides": overrides, "max_model_len": max_model_len}
 
 
@@ -130,8 +143,16 @@ class JanusForImageGeneration(LlamaStyleDecoder):
         text, vq = config.text_config, config.vq_config
         self.config = config
         self.text_config = text
-        self.text_vocab_size = int(text.vocab_size)
+        self.text_vocab_size = janus_text_vocab_size(config)
         self.codebook_size = int(vq.num_embeddings)
+        engine_vocab = vllm_config.model_config.get_vocab_size()
+        if engine_vocab < self.text_vocab_size + self.codebook_size:
+            # vLLM would silently drop image ids of steps that sample several cells (ZipAR): refuse.
+            raise ValueError(
+                f"Janus: the engine's vocab size {engine_vocab} does not hold the image ids "
+                f"[{self.text_vocab_size}, {self.text_vocab_size + self.codebook_size}); start the engine "
+                "with janus_engine_overrides' hf_overrides (vllm-zipar's front-ends do)"
+            )
         spec = janus_decoder_spec(text)
         if spec.hidden_act != "silu":
             raise ValueError(
@@ -144,7 +165,7 @@ class JanusForImageGeneration(LlamaStyleDecoder):
             )
         pp = get_pp_group()
         if pp.is_first_rank:
-            self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
+            self.embed_tokens = VocabParallelEmbedding(self.text_vocab_size, text.hidden_size)
             self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
             self.generation_aligner = JanusGenerationAligner(vq)
         else:

@@ -30,6 +30,18 @@ ASSISTANT_TOKEN = "<|Assistant|>"
 EXTRA_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
 
 
+# Set by `janus_engine_overrides` (models/janus.py): the checkpoint's text vocabulary, beside the engine's
+# `text_config.vocab_size`, which is raised to hold the image ids.
+TEXT_VOCAB_KEY = "zipar_text_vocab_size"
+
+
+def janus_text_vocab_size(config: Any) -> int:
+    """How many text ids the checkpoint embeds (image code c is id `text vocab + c`), with or without the
+    engine's raised `text_config.vocab_size`."""
+    value = getattr(config, TEXT_VOCAB_KEY, None)
+    return int(value) if value is not None else int(config.text_config.vocab_size)
+
+
 @dataclass(frozen=True)
 class JanusTokens:
     """Token ids of Janus's prompt, BOS ... BOI; the unconditional prompt pads what lies between."""

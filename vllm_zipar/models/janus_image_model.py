@@ -24,7 +24,7 @@ from typing import Any
 from vllm_zipar.models.image_grid import VisualTokens
 from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.image_prompts import ImageSize, SamplingDefaults
-from vllm_zipar.models.janus_checkpoint import JanusTokens
+from vllm_zipar.models.janus_checkpoint import JanusTokens, janus_text_vocab_size
 from vllm_zipar.models.prompt_error import PromptError, quote
 
 SAMPLING_DEFAULTS = SamplingDefaults(cfg_scale=5.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
@@ -57,7 +57,7 @@ class JanusImageModel(ImageModel):
 
     @property
     def text_vocab_size(self) -> int:
-        return int(self.hf_config.text_config.vocab_size)
+        return janus_text_vocab_size(self.hf_config)
 
     @property
     def codebook_size(self) -> int:

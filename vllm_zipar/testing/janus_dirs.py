@@ -132,8 +132,9 @@ def write_random_janus_dir(
     `codebook_size`-code VQ with `len(vq_channel_multiplier) - 1` halvings (the real one: 5 levels, 16x,
     384 px -> 24x24); the vision config's patch equals the VQ's downsampling, so pixels and grid agree as
     in the real model. Text and generation-path weights are normal(0, `std`), float32 (transformers' 0.02
-    makes every logit tie, so greedy decoding repeats one code); norms stay ones, the VQ and the vision
-    encoder keep transformers' own init. Files: config.json, generation_config.json (guidance 5,
+    makes every logit tie, so greedy decoding repeats one code), the code embeddings normal(0, 1) and the
+    head's rows centred (ZIPAR.md §6: greedy decoding must not collapse); norms stay ones, the VQ and the
+    vision encoder keep transformers' own init. Files: config.json, generation_config.json (guidance 5,
     temperature 1, pad and `generation_kwargs.boi_token_id` as the converted repositories have them),
     model.safetensors (save_pretrained's keys), the tokenizer, the processor with its chat template.
     """
@@ -190,11 +191,17 @@ def write_random_janus_dir(
     )
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).float().eval()
-    with torch.no_grad():  # normal weights on the text and generation matrices; norms stay ones
+    with torch.no_grad():  # normal weights on the text and generation matrices; norms and biases kept
         for name, param in model.named_parameters():
             text_or_generation = name.startswith(("model.language_model.", "model.generation_"))
             if text_or_generation and param.ndim == 2:
                 param.normal_(0.0, std)
+        # Code embeddings of unit scale, so image inputs weigh like text ones after the aligner; and
+        # zero-mean head rows: GELU's outputs are mostly positive, so the code whose row sums highest
+        # would otherwise win most cells.
+        model.model.generation_embeddings.weight.normal_(0.0, 1.0)
+        head = model.model.generation_head.vision_head.weight
+        head -= head.mean(dim=1, keepdim=True)
     generation = model.generation_config
     generation._from_model_config = False
     generation.temperature = 1.0
