@@ -109,6 +109,51 @@ def test_streaming_sends_partial_images_of_the_requested_size(client):
     assert {png(e.b64_json).size for e in events} == {(72, 56)}
 
 
+def test_n_images_with_a_long_negative_prompt_share_the_prefix_cache_safely(served):
+    """Issue 22's engine killer: n > 1 guided images whose unconditional prompt fills a KV block past the end
+    of the conditional prompt (the second image's prefix-cache hit covered cell (0, 0)'s logits row)."""
+    server, _ = served
+    negative = "lowres, bad anatomy, blurry, ugly, " * 8  # 144 tokens: past the 128-token block
+    for body in (
+        {"prompt": "a red cat", "size": "88x48", "n": 3, "seed": 4, "negative_prompt": negative},
+        {
+            "prompt": "a red cat",
+            "size": "88x48",
+            "n": 2,
+            "seed": 4,
+            "negative_prompt": negative,
+            "stream": True,
+        },
+    ):
+        response = post(server, {**body, "guidance_scale": 3.0, "return_tokens": True})
+        assert response.status_code == 200, response.text
+    first = post(
+        server,
+        {
+            "prompt": "a red cat",
+            "size": "88x48",
+            "n": 2,
+            "seed": 4,
+            "negative_prompt": negative,
+            "guidance_scale": 3.0,
+            "return_tokens": True,
+        },
+    ).json()["data"]
+    again = post(
+        server,
+        {
+            "prompt": "a red cat",
+            "size": "88x48",
+            "seed": 4,
+            "negative_prompt": negative,
+            "guidance_scale": 3.0,
+            "return_tokens": True,
+        },
+    ).json()["data"]
+    assert first[0]["tokens"] == again[0]["tokens"]  # the cache changes no image
+    assert server.idle_kv_usage() == 0.0
+
+
 ERRORS = [
     ({"prompt": "a cat", "size": "1024x1024"}, "size", "unsupported_value", "'64x64'"),
     ({"prompt": "a cat", "size": "64by64"}, "size", "unsupported_value", "'72x56'"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -259,6 +260,9 @@ def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory
             assert error_of(response, 503)["code"] == "engine_dead"
         status = server.process.wait(timeout=MARGIN)
         assert status != 0  # vLLM alone exits 0 here: a supervisor would not restart it
+        # The log counts the failed images, also those that failed before the watcher saw the death.
+        died = re.search(r"the engine core died: (\d+) image request\(s\) failed", server.log_tail(10**7))
+        assert died is not None and int(died.group(1)) > 0
     finally:
         if server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGKILL)

@@ -47,3 +47,20 @@ def test_on_cpu_and_cuda_zipar_and_guidance_are_accepted(monkeypatch, platform, 
     prompt, params = requests.request_inputs(3, **{"cfg_scale": 2.0, **kwargs})
     assert prompt["prompt_token_ids"] == [64 + 3, requests.model.hf_config.null_class_token_id]
     assert params.max_tokens > 0
+
+
+def test_decoding_zipar_without_a_window_takes_the_servers_window(monkeypatch):
+    requests = requests_on(monkeypatch, FakePlatform("cpu"))
+    requests.default_decoding = ImageDecoding.parse("zipar", 3)
+    request = requests.image_request(3, decoding="zipar", cfg_scale=1.0)
+    assert (request.decoding.decoding, request.decoding.window) == ("zipar", 3)
+    requests.default_decoding = ImageDecoding.parse("ntp", None)
+    with pytest.raises(ValueError, match="default is 'ntp', so it has no default window"):
+        requests.image_request(3, decoding="zipar", cfg_scale=1.0)
+
+
+def test_a_window_beyond_the_grids_cells_is_refused(monkeypatch):
+    requests = requests_on(monkeypatch, FakePlatform("cpu"))
+    assert requests.image_request(3, zipar_window=64, cfg_scale=1.0).decoding.window == 64  # 8x8: the bound
+    with pytest.raises(ValueError, match=r"zipar_window must be in 1\.\.64 .* got 65"):
+        requests.image_request(3, zipar_window=65, cfg_scale=1.0)

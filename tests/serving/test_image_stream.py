@@ -16,7 +16,7 @@ from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.image_service import ImageJob
-from vllm_zipar.serving.image_stream import decoding_progress, partial_grid, stream_event
+from vllm_zipar.serving.image_stream import PartialGrid, decoding_progress, partial_grid, stream_event
 from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.layout import GridLayout
 from vllm_zipar.zipar.shape import plan_shape
@@ -135,3 +135,24 @@ def test_work_that_ends_first_is_neither_cancelled_nor_logged():
         assert work.result() == "image" and not watch.aborted and gone == [] and log.lines == []
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("decoding", DECODINGS)
+def test_the_incremental_grid_equals_a_rebuild_after_every_output(decoding):
+    """The stream keeps each image's grid incrementally (new tokens only per engine output); whatever the
+    outputs' sizes, it equals the grid rebuilt from the whole output so far."""
+    import random
+
+    service, job = fake_service(), job_of(decoding)
+    shape = plan_shape(job.layout, decoding.window, decoding.uncond_prompt_len)
+    outputs = [-5 if p is None else 1000 + p for p in shape.output_cells]
+    tracker = PartialGrid(service, job)
+    rng, length = random.Random(0), 0
+    while length < len(outputs):
+        length = min(len(outputs), length + rng.randint(1, 5))
+        tracker.update(outputs[:length])
+        grid, missing = tracker.snapshot()
+        rebuilt = service.requests.grid_from_output(outputs[:length], decoding, job.layout, partial=True)
+        assert torch.equal(missing, rebuilt < 0) and torch.equal(grid[~missing], rebuilt[~missing])
+        assert tracker.filled == int((~missing).sum())
+    assert tracker.filled == H * W

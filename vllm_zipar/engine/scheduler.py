@@ -18,6 +18,7 @@ import random
 from copy import copy
 from dataclasses import dataclass, field
 
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
@@ -67,6 +68,13 @@ class ImageRequestState:
                 self.pending_guides.append(twins[cell] if guided else -1)
 
     @property
+    def first_logits_index(self) -> int:
+        """The first feed index whose logits the pending pass needs (a sampled cell or its unconditional
+        twin): its KV must be computed in this step, never taken from the prefix cache."""
+        needed = self.pending_sampled + [twin for twin in self.pending_guides if twin >= 0]
+        return min(needed) if needed else self.plan.num_fed
+
+    @property
     def first_split_point(self) -> int:
         """Chunks may end at or before this index (or at the end of the history), never inside the pass."""
         return self.pending_sampled[0] if self.pending_sampled else self.plan.num_fed
@@ -84,6 +92,8 @@ class ZipARScheduler(Scheduler):
         self.num_preempted_images = 0
         # Seeds of requests that sample without one (see `_seed_if_unseeded`), drawn from the engine's `seed`.
         self.unseeded_seeds = random.Random(self.vllm_config.model_config.seed)
+        self._cache_lookup = self.kv_cache_manager.get_computed_blocks
+        self.kv_cache_manager.get_computed_blocks = self._computed_blocks_before_logits
 
     # -- admission -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -129,6 +139,24 @@ class ZipARScheduler(Scheduler):
         if request.block_hashes:
             request.block_hashes = []
             request.update_block_hashes()
+
+    def _computed_blocks_before_logits(self, request: Request):
+        """vLLM's prefix-cache lookup, cut so that every token whose logits the image's pending pass samples
+        is computed in this step.
+
+        vLLM only keeps the prompt's *last* token out of a hit. A guided image's conditional stream ends
+        mid-prompt (its twin's prompt follows), so a second request with the same prompts (`n` > 1, or a
+        repeat) could take the conditional prompt's last token from the cache and have no logits row for
+        cell (0, 0): the step's sample offsets then pointed outside the scheduled tokens (an IndexError that
+        killed the engine). After a preemption the same holds for the pass being recomputed.
+        """
+        blocks, num_hit, boundary = self._cache_lookup(request)
+        state = self.images.get(request.request_id)
+        if state is None or num_hit <= state.first_logits_index:
+            return blocks, num_hit, boundary
+        keep = state.first_logits_index // self.block_size
+        cut = KVCacheBlocks(tuple(group[:keep] for group in blocks.blocks))
+        return cut, keep * self.block_size, min(boundary, keep * self.block_size)
 
     # -- scheduling ------------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:

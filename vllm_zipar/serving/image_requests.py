@@ -85,6 +85,14 @@ class ImageRequests:
         """Validate a per-request decoding choice (default: this front-end's)."""
         if decoding is None and zipar_window is None:
             return self.default_decoding
+        if decoding == "zipar" and zipar_window is None:
+            # An unset field takes the server's default: its window, when it serves ZipAR.
+            if self.default_decoding.window is None:
+                raise ValueError(
+                    "decoding 'zipar' needs zipar_window (an integer >= 1): this server's default is 'ntp', "
+                    "so it has no default window"
+                )
+            zipar_window = self.default_decoding.window
         return ImageDecoding.parse(decoding or "zipar", zipar_window)
 
     def guidance(self, uncond_prompt_len: int, cfg_scale: float | None, cfg_interval: int | None):
@@ -115,6 +123,12 @@ class ImageRequests:
         chosen_size = model.size(size)
         prompt_ids = model.prompt_ids(prompt, chosen_size)
         chosen = self.decoding(decoding, zipar_window).with_grid(chosen_size.grid)
+        rows, cols = chosen_size.grid
+        if zipar_window is not None and zipar_window > rows * cols:
+            raise ValueError(
+                f"zipar_window must be in 1..{rows * cols} (the cells of a {chosen_size.name} image; a "
+                f"window >= the grid width {cols} already decodes in next-token order), got {zipar_window}"
+            )
         uncond_ids: list[int] = []
         scale = model.sampling_defaults.cfg_scale if cfg_scale is None else cfg_scale
         if scale != 1.0 or negative_prompt is not None:

@@ -257,6 +257,7 @@ class ImageService:
     def failure(self, err: BaseException, request_id: str) -> ImageAPIError:
         """The error body of a request that failed in the engine; a traceback only for the unexpected."""
         if self.lifecycle.engine_dead or type(err).__name__ == "EngineDeadError":
+            self.lifecycle.failed_by_engine_death += 1
             self.log.info("image request %s: failed, the engine died", request_id)
             return ImageAPIError.unavailable("The engine stopped before this image finished.", "engine_dead")
         self.log.exception("image request %s failed", request_id, exc_info=err)

@@ -38,14 +38,18 @@ async def stream_images(
     queue: asyncio.Queue = asyncio.Queue()
     sent = [0] * len(jobs)
 
+    grids = {job.index: PartialGrid(service, job) for job in jobs} if req.partial_images else {}
+
     def on_output(job: ImageJob, out: Any) -> None:
-        tokens = list(out.outputs[0].token_ids)
-        grid, missing = partial_grid(service, job, tokens)
+        # Runs on the event loop for every engine output: work only on the tokens that are new, and build
+        # a grid only when a partial image is due.
+        partial = grids[job.index]
+        partial.update(out.outputs[0].token_ids)
         cells = job.layout.num_cells
-        filled = cells - int(missing.sum())
-        while sent[job.index] < req.partial_images and filled * (req.partial_images + 1) >= cells * (
+        while sent[job.index] < req.partial_images and partial.filled * (req.partial_images + 1) >= cells * (
             sent[job.index] + 1
         ):
+            grid, missing = partial.snapshot()
             queue.put_nowait(("partial", job, sent[job.index], grid, missing))
             sent[job.index] += 1
 
@@ -125,15 +129,47 @@ def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+class PartialGrid:
+    """One image's grid as its output grows, kept incrementally: each engine output costs its new tokens
+    only (a rebuild from the whole output cost O(grid) per output on the event loop)."""
+
+    def __init__(self, service: ImageService, job: ImageJob) -> None:
+        layout, decoding = job.layout, job.decoding
+        cells = plan_shape(layout, decoding.window, decoding.uncond_prompt_len).output_cells
+        # For each output token, the raster index of the cell it carries (None: a proxy, a twin, an EOL).
+        self._slots = [None if p is None else layout.image_index(p) for p in cells]
+        self._shape = (layout.height, layout.width)
+        self._cells: list[int] = [-1] * (layout.height * layout.width)
+        # Any visual token will do for cells not decoded yet: they are painted over.
+        self._fill = int(service.model.visual_tokens.code_to_id(torch.zeros(1, dtype=torch.long))[0])
+        self._seen = 0
+        self.filled = 0
+
+    def update(self, token_ids: Sequence[int]) -> PartialGrid:
+        """Take the output so far (cumulative token ids); reads only those not seen before."""
+        end = min(len(token_ids), len(self._slots))
+        for i in range(self._seen, end):
+            slot = self._slots[i]
+            if slot is not None:
+                if self._cells[slot] < 0:
+                    self.filled += 1
+                self._cells[slot] = token_ids[i]
+        self._seen = max(self._seen, end)
+        return self
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid of vocabulary ids, mask of the cells still missing), both [H, W]."""
+        grid = torch.tensor(self._cells, dtype=torch.long).view(self._shape)
+        missing = grid < 0
+        grid[missing] = self._fill
+        return grid, missing
+
+
 def partial_grid(
     service: ImageService, job: ImageJob, token_ids: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid decoded so far from a request's output tokens, and the mask of cells still missing."""
-    grid = service.requests.grid_from_output(token_ids, job.decoding, job.layout, partial=True)
-    missing = grid < 0
-    # Any visual token will do: these cells are painted over.
-    grid[missing] = service.model.visual_tokens.code_to_id(torch.zeros_like(grid[missing]))
-    return grid, missing
+    return PartialGrid(service, job).update(token_ids).snapshot()
 
 
 def decoding_progress(

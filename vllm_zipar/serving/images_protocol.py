@@ -205,9 +205,9 @@ def parse_request(
         what = "must not be empty" if text_prompts else "must name a class (an index or a class name)"
         raise ImageAPIError(f"'prompt' {what}.", param="prompt")
     if len(prompt) > limits.max_prompt_chars:
-        what = "the" if text_prompts else "any class name of"
+        what = "" if text_prompts else "any class name of "
         raise ImageAPIError(
-            f"'prompt' {quote(prompt)} is longer than {what} this model's limit "
+            f"'prompt' {quote(prompt)} is longer than {what}this model's limit "
             f"(at most {limits.max_prompt_chars} characters).",
             param="prompt",
             code="prompt_too_long" if text_prompts else "unknown_class",

@@ -43,6 +43,8 @@ class RouteLifecycle:
         self.inflight: set[asyncio.Task] = set()
         self.draining = False
         self.engine_dead = False
+        # Requests that got the engine's death as their own error, often before the watcher noticed it.
+        self.failed_by_engine_death = 0
         self._drain_deadline = 0.0
         self._drain_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
@@ -142,7 +144,10 @@ class RouteLifecycle:
         self.engine_dead = True
         exit_status = ENGINE_DEAD_EXIT_STATUS
         self.log.error(
-            "the engine core died: failing %d image request(s); the server exits with status %d",
+            "the engine core died: %d image request(s) failed (%d already, %d still in flight); the server "
+            "exits with status %d",
+            self.failed_by_engine_death + len(self.inflight),
+            self.failed_by_engine_death,
             len(self.inflight),
             ENGINE_DEAD_EXIT_STATUS,
         )
