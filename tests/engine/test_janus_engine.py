@@ -175,3 +175,102 @@ def test_tensor_parallel_2_over_mp_equals_tp1(model_dir, hf_model):
         images = tp2.generate(PROMPTS, **zipar)
         assert all(torch.equal(image.tokens, grid) for image, grid in zip(images, expected, strict=True))
         assert all(image.passes == 2 * GRID + (GRID - 2) * 2 for image in images)
+
+
+# ----------------------------------------------------------------------------- ZipAR against the oracle
+
+
+@pytest.fixture(scope="module")
+def oracle(model_dir):
+    from tests.reference.janus_model import reference_from_hf_dir
+
+    return reference_from_hf_dir(model_dir)
+
+
+def oracle_codes(generator: ImageGenerator, oracle, prompt: str, window, *, scale: float, seed):
+    """The independent oracle's codes and passes (tests/reference/janus_decoders.py) for one request."""
+    from tests.reference.janus_decoders import janus_ntp_decode, janus_zipar_decode
+
+    model = generator.model
+    size = model.native_size
+    ids = model.prompt_ids(prompt, size)
+    uncond = model.unconditional_prompt_ids(None, size, ids) if scale != 1.0 else None
+    sampling = dict(seed=seed, **SAMPLING) if seed is not None else dict(temperature=0.0)
+    if window is None:
+        return janus_ntp_decode(oracle, ids, uncond, GRID, GRID, cfg_scale=scale, **sampling)
+    return janus_zipar_decode(oracle, ids, uncond, GRID, GRID, window, cfg_scale=scale, **sampling)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, GRID])
+def test_zipar_tokens_equal_the_oracle_greedy_and_seeded(engine, oracle, window):
+    greedy = engine.generate(PROMPTS[:1], zipar_window=window, temperature=0.0, cfg_scale=1.0)[0]
+    seeded = engine.generate(PROMPTS[1:], zipar_window=window, seeds=[11], cfg_scale=5.0, **SAMPLING)[0]
+    for image, prompt, scale, seed in ((greedy, PROMPTS[0], 1.0, None), (seeded, PROMPTS[1], 5.0, 11)):
+        codes, passes = oracle_codes(engine, oracle, prompt, window, scale=scale, seed=seed)
+        assert torch.equal(codes_of(engine, image), codes), (prompt, window)
+        assert image.passes == passes
+    assert kv_cache_usage(engine) == 0.0
+
+
+# (prompt, window, seed, cfg scale): NTP and windows, greedy and seeded, guided and not.
+MIXED = [
+    (PROMPTS[0], None, None, 1.0),
+    (PROMPTS[1], 2, 3, 1.0),
+    (PROMPTS[0], 1, None, 5.0),
+    ("a small house", 3, 11, 2.0),
+    (PROMPTS[1], None, 7, 5.0),
+    ("a red house", 4, None, 1.0),
+]
+
+
+def run_staggered(generator: ImageGenerator, *, every: int, batch: int) -> dict:
+    finished, pending, steps = {}, list(enumerate(MIXED)), 0
+    while pending or generator.has_unfinished_requests():
+        if pending and steps % every == 0:
+            for index, (prompt, window, seed, scale) in pending[:batch]:
+                kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
+                kwargs.update(dict(seed=seed, **SAMPLING) if seed is not None else dict(temperature=0.0))
+                generator.add_request(f"img-{index}", prompt, cfg_scale=scale, **kwargs)
+            pending = pending[batch:]
+        for image in generator.step():
+            finished[int(image.request_id.split("-")[1])] = image
+        steps += 1
+    return finished
+
+
+def check_mixed(generator: ImageGenerator, oracle, finished: dict) -> None:
+    assert sorted(finished) == list(range(len(MIXED)))
+    for index, (prompt, window, seed, scale) in enumerate(MIXED):
+        codes, passes = oracle_codes(generator, oracle, prompt, window, scale=scale, seed=seed)
+        assert torch.equal(codes_of(generator, finished[index]), codes), MIXED[index]
+        assert finished[index].passes == passes, MIXED[index]
+
+
+def test_a_staggered_mixed_batch_equals_the_oracle(engine, oracle):
+    check_mixed(engine, oracle, run_staggered(engine, every=3, batch=2))
+    assert kv_cache_usage(engine) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forced_preemption_keeps_every_image_exact(backend, model_dir, oracle):
+    # Few blocks of 32 tokens for six images (a guided one holds several): the scheduler must preempt and
+    # recompute; a 32-token budget cuts the recomputes into chunks.
+    from tests.engine.test_zipar_scheduling import scheduler_of
+
+    generator = engine_on(
+        backend,
+        model_dir,
+        max_num_seqs=6,
+        block_size=32,
+        num_gpu_blocks_override=14,
+        max_num_batched_tokens=32,
+        enable_chunked_prefill=True,
+        max_model_len=320,
+    )
+    with generator:
+        finished = run_staggered(generator, every=2, batch=3)
+        scheduler = scheduler_of(generator)
+        assert scheduler.num_preempted_images > 0
+        assert kv_cache_usage(generator) == 0.0
+        assert not scheduler.images
+        check_mixed(generator, oracle, finished)
