@@ -1,0 +1,123 @@
+"""`vllm serve JANUS_DIR --decoding zipar` through the `openai` client: a text prompt in, a PNG of the model's
+size out, tokens equal to the independent Janus oracle (guided at the family default, ZipAR-2), partial
+images streamed; bad sizes, guidance, an empty prompt and a negative prompt (Janus's guidance runs against
+its pad-masked prompt, so there is none to give) are 400s naming the field, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from tests.reference.janus_decoders import janus_zipar_decode
+from tests.reference.janus_model import reference_from_hf_dir
+from tests.serving.conftest import SERVER_ARGS
+from vllm_zipar.models.registry import load_image_model
+from vllm_zipar.serving.served_model import ServedModel
+from vllm_zipar.testing.janus_dirs import write_random_janus_dir
+
+pytestmark = pytest.mark.serving
+
+MODEL = "tiny-janus"
+SIZE = "16x16"  # the tiny directory's one size: an 8x8 grid of 2x2-pixel codes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("janus-served") / "tiny-janus"
+    write_random_janus_dir(model_dir, seed=4)
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    server = ServedModel(
+        model_dir, zipar_window=2, served_model_name=MODEL, extra_args=SERVER_ARGS, log_path=log
+    )
+    with server:
+        yield server, model_dir
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def post(server, body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/images/generations", json=body, timeout=120.0)
+
+
+def test_a_text_prompt_gives_pngs_whose_tokens_equal_the_oracle(served, client):
+    _, model_dir = served
+    response = client.images.generate(
+        model=MODEL,
+        prompt="a red cat",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 3, "return_tokens": True},  # guidance: the family default, 5
+    )
+    assert response.size == SIZE
+    images = [png(item.b64_json) for item in response.data]
+    assert {(image.format, f"{image.width}x{image.height}") for image in images} == {("PNG", SIZE)}
+    assert response.data[0].b64_json != response.data[1].b64_json
+
+    model = load_image_model(model_dir)
+    ids = model.prompt_ids("a red cat", model.native_size)
+    uncond = model.unconditional_prompt_ids(None, model.native_size, ids)
+    defaults = model.sampling_defaults
+    codes, _ = janus_zipar_decode(
+        reference_from_hf_dir(model_dir),
+        ids,
+        uncond,
+        8,
+        8,
+        2,
+        cfg_scale=defaults.cfg_scale,
+        temperature=defaults.temperature,
+        top_k=defaults.top_k,
+        top_p=defaults.top_p,
+        seed=3,
+    )
+    tokens = torch.tensor(response.data[0].model_extra["tokens"])
+    assert torch.equal(model.visual_tokens.id_to_code(tokens), codes)
+
+
+def test_streaming_sends_partial_images(client):
+    stream = client.images.generate(
+        model=MODEL, prompt="a red cat", stream=True, partial_images=2, extra_body={"seed": 1}
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert {png(e.b64_json).size for e in events} == {(16, 16)}
+
+
+ERRORS = [
+    ({"prompt": "a cat", "size": "384x384"}, "size", "unsupported_value", "'16x16'"),
+    ({"prompt": "a cat", "guidance_scale": 0.5}, "guidance_scale", "invalid_value", "guidance_scale"),
+    ({"prompt": "a cat", "guidance_scale": "high"}, "guidance_scale", "invalid_type", "guidance_scale"),
+    ({"prompt": "   "}, "prompt", "invalid_value", "empty"),
+    ({"prompt": "a cat", "negative_prompt": "blurry"}, "negative_prompt", None, "negative_prompt"),
+]
+
+
+@pytest.mark.parametrize("body, param, code, words", ERRORS)
+def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(served, body, param, code, words):
+    server, _ = served
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    if code is not None:
+        assert error["code"] == code
+    assert words in error["message"]
+    ok = post(server, {"prompt": "a cat", "seed": 2})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+    assert server.idle_kv_usage() == 0.0
