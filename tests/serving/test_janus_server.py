@@ -121,3 +121,12 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(served
     ok = post(server, {"prompt": "a cat", "seed": 2})
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
     assert server.idle_kv_usage() == 0.0
+
+
+def test_the_playground_serves_the_page_and_describes_the_model(served):
+    server, _ = served
+    assert httpx.get(server.url + "/playground", timeout=30.0).status_code == 200
+    info = httpx.get(server.url + "/playground/info", timeout=30.0).json()
+    assert (info["family"], info["prompt_kind"], info["negative_prompt"]) == ("Janus-Pro", "text", False)
+    assert (info["size"], info["grid"], info["sampling_defaults"]["cfg_scale"]) == (SIZE, [8, 8], 5.0)
+    assert (info["default_decoding"], info["default_window"]) == ("zipar", 2)
