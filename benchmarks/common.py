@@ -60,6 +60,33 @@ def random_emu3(name: str, shape: dict[str, Any]) -> Path:
     return model_dir
 
 
+# A reduced Janus-Pro (the real 1B: hidden 2048, 24 layers, 16 heads of 128, no GQA, codebook 16384) that
+# fits this CPU, in the Hugging Face layout, with the real codebook and the real 384 px -> 24x24 grid (the
+# toy VQ here downsamples 2x, so its pixels are 48; the benchmark generates tokens only).
+JANUS_REDUCED = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=704,
+    grid=24,
+    codebook_size=16384,
+)
+# --quick: the same layers, a small codebook, an 8x8 grid.
+JANUS_SMALL = {**JANUS_REDUCED, "grid": 8, "codebook_size": 1024}
+
+
+def random_janus(name: str, shape: dict[str, Any]) -> Path:
+    """A random Janus-Pro directory in the Hugging Face layout (weights, processor), written once."""
+    from vllm_zipar.testing.janus_dirs import write_random_janus_dir
+
+    model_dir = CACHE / name
+    if not (model_dir / "config.json").is_file():
+        print(f"[bench] writing random {name} weights to {model_dir} (once)")
+        write_random_janus_dir(model_dir, seed=0, **shape)
+    return model_dir
+
+
 def machine() -> dict[str, Any]:
     import torch
 

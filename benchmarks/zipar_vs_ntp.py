@@ -4,6 +4,8 @@
     python benchmarks/zipar_vs_ntp.py --quick    # small model, 16x16 grid: a smoke run of a minute or two
     python benchmarks/zipar_vs_ntp.py --emu3     # the Emu3 section: text prompt, 90x90 grid with EOLs
                                                  # (zipar_vs_ntp_emu3.py; add --quick for a 16x16 smoke run)
+    python benchmarks/zipar_vs_ntp.py --janus    # the Janus-Pro section: text prompt, 24x24 grid, CFG 5
+                                                 # (zipar_vs_ntp_janus.py; add --quick for an 8x8 smoke run)
 
 Without guidance (cfg 1) every window runs; with classifier-free guidance (`--cfg-scale`, default 2.0) NTP
 and `--cfg-windows` (default 8 and 4) run, each guided image being one request holding both sequences. A
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from zipar_vs_ntp_emu3 import main as emu3_main
 
         return emu3_main([arg for arg in argv if arg != "--emu3"])
+    if "--janus" in argv:
+        from zipar_vs_ntp_janus import main as janus_main
+
+        return janus_main([arg for arg in argv if arg != "--janus"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -43,6 +43,20 @@ def test_zipar_vs_ntp_quick_writes_json_and_plot_with_exact_pass_counts(tmp_path
     assert (tmp_path / "zipar_vs_ntp_quick.png").stat().st_size > 10_000
 
 
+def test_zipar_vs_ntp_janus_quick_guided_at_1_and_2_in_flight_with_exact_pass_counts(tmp_path):
+    out = run(tmp_path, "zipar_vs_ntp.py", "--janus", "--quick")
+    assert "NTP/this" in out
+    result = json.loads((tmp_path / "zipar_vs_ntp_janus_quick.json").read_text())
+    assert result["cfg_scale"] == 5.0 and result["in_flight"] == 2
+    # 8x8 grid, Janus layout (no EOL column): NTP H·W; ZipAR 2W + (H-2)·w (ZIPAR.md §4).
+    passes = {row["mode"]: row["passes_per_image"] for row in result["rows"]}
+    assert passes == {"NTP": 64, "ZipAR-4": 40}
+    for row in result["rows"]:
+        assert row["grid"] == [8, 8]
+        assert row["seconds_per_image_1_in_flight"] > 0 and row["seconds_per_image_2_in_flight"] > 0
+    assert (tmp_path / "zipar_vs_ntp_janus_quick.png").stat().st_size > 10_000
+
+
 def test_attention_cost_quick_measures_both_step_kinds(tmp_path):
     out = run(tmp_path, "attention_cost.py", "--quick")
     result = json.loads((tmp_path / "attention_cost_quick.json").read_text())
