@@ -26,13 +26,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_zipar.models.llama_decoder import (
-    DecoderSpec,
-    LlamaStyleDecoder,
-    ParamLoader,
-    fused_param_name,
-    unfused_names,
-)
+from vllm_zipar.models.llama_decoder import DecoderSpec, LlamaStyleDecoder, load_hf_layout
 
 ARCHITECTURE = "Emu3ForImageGeneration"
 
@@ -65,23 +59,6 @@ def emu3_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]:
     return {"hf_overrides": overrides, "max_model_len": max_model_len}
 
 
-def emu3_decoder_spec(text: Any) -> DecoderSpec:
-    """Emu3's text decoder as a Llama-style `DecoderSpec` (transformers' `Emu3TextConfig` fields)."""
-    heads = text.num_attention_heads
-    return DecoderSpec(
-        hidden_size=text.hidden_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=text.num_key_value_heads or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        intermediate_size=text.intermediate_size,
-        rms_norm_eps=text.rms_norm_eps,
-        attention_bias=bool(getattr(text, "attention_bias", False)),
-        mlp_bias=bool(getattr(text, "mlp_bias", False)),
-        hidden_act=text.hidden_act,
-    )
-
-
 class Emu3ForImageGeneration(LlamaStyleDecoder):
     """vLLM model class for Emu3's text decoder (Emu3-Gen checkpoints in the Hugging Face layout).
 
@@ -99,7 +76,7 @@ class Emu3ForImageGeneration(LlamaStyleDecoder):
         self.tie_word_embeddings = bool(
             getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         )
-        spec = emu3_decoder_spec(text)
+        spec = DecoderSpec.from_llama_config(text)
         if spec.hidden_act != "silu":
             raise ValueError(f"Emu3 text model: hidden_act {spec.hidden_act!r} is not supported (only silu)")
         pp = get_pp_group()
@@ -130,40 +107,19 @@ class Emu3ForImageGeneration(LlamaStyleDecoder):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = ParamLoader(self)
-        loaded: set[str] = set()  # checkpoint names (unfused, without the layout's prefix)
-        unexpected: list[str] = []
-        for key, tensor in weights:
-            if key.startswith(_VQ_PREFIXES):
-                continue  # the VQ decoder: vq/emu3_vq.py
-            name = checkpoint_key_to_param(key)
-            if name is None:
-                unexpected.append(key)
-                continue
-            param_name, shard = fused_param_name(name)
-            if param_name == "lm_head.weight" and self.tie_word_embeddings:
-                continue  # tied to embed_tokens
-            if params.held_elsewhere(param_name):
-                continue  # another pipeline rank holds it
-            if param_name not in params:
-                unexpected.append(key)
-                continue
-            params.load(param_name, tensor, shard)
-            loaded.add(name)
-        if unexpected:
-            raise ValueError(
-                f"Emu3 checkpoint: {len(unexpected)} unexpected text-model weights {sorted(unexpected)[:8]}; "
-                f"expected keys under {[p for p, _ in _TEXT_PREFIXES[:2]]}, 'lm_head.weight' or the VQ's "
+        return load_hf_layout(
+            self,
+            weights,
+            checkpoint_key_to_param,
+            skip=_VQ_PREFIXES,  # the VQ decoder: vq/emu3_vq.py
+            tied=("lm_head.weight",) if self.tie_word_embeddings else (),
+            checkpoint="Emu3 checkpoint",
+            nouns=("text-model weights", "text-model weights"),
+            expected=(
+                f"keys under {[p for p, _ in _TEXT_PREFIXES[:2]]}, 'lm_head.weight' or the VQ's "
                 f"{list(_VQ_PREFIXES)} (num_hidden_layers={self.text_config.num_hidden_layers})"
-            )
-        missing = sorted(
-            name for param_name in params.params for name in unfused_names(param_name) if name not in loaded
+            ),
         )
-        if missing:
-            raise ValueError(
-                f"Emu3 checkpoint: text-model weights missing for {missing[:8]} ({len(missing)})"
-            )
-        return set(params.params)
 
 
 def checkpoint_key_to_param(key: str) -> str | None:

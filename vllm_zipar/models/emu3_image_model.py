@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_zipar.models.emu3_checkpoint import BOI_TOKEN, IMAGE_WRAPPER_TOKEN, Emu3Tokens
+from vllm_zipar.models.hf_image_model import HFImageModel
 from vllm_zipar.models.image_grid import VisualTokens
-from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.image_prompts import ImageSize, SamplingDefaults
 from vllm_zipar.models.prompt_error import PromptError, quote
 
@@ -35,7 +35,6 @@ NEGATIVE_PROMPT = (
 )
 SAMPLING_DEFAULTS = SamplingDefaults(cfg_scale=3.0, cfg_interval=-1, temperature=1.0, top_k=2048, top_p=1.0)
 MAX_PROMPT_TOKENS = 512  # per prompt; bounds max_model_len
-OPTIONS_FILE = "zipar.json"
 
 
 def generate_grid(ratio: str, image_area: int, downsample: int = DOWNSAMPLE) -> tuple[int, int]:
@@ -46,32 +45,13 @@ def generate_grid(ratio: str, image_area: int, downsample: int = DOWNSAMPLE) -> 
     return int(round(height * scale / downsample)), int(round(width * scale / downsample))
 
 
-class Emu3ImageModel(ImageModel):
+class Emu3ImageModel(HFImageModel):
     family = "Emu3"
     prompt_kind = "text"
 
-    @classmethod
-    def load_config(cls, model_dir: Path) -> Any:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(model_dir)
-
-    @cached_property
-    def options(self) -> dict[str, Any]:
-        path = self.model_dir / OPTIONS_FILE
-        if not path.is_file():
-            return {}
-        options = json.loads(path.read_text())
-        unknown = set(options) - {
-            "image_area",
-            "ratios",
-            "positive_prompt_suffix",
-            "negative_prompt",
-            "sampling_defaults",
-        }
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return options
+    option_keys = frozenset(
+        {"image_area", "ratios", "positive_prompt_suffix", "negative_prompt", "sampling_defaults"}
+    )
 
     # ------------------------------------------------------------------ engine side
 

@@ -29,13 +29,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from vllm_zipar.models.janus_checkpoint import TEXT_VOCAB_KEY, janus_text_vocab_size
-from vllm_zipar.models.llama_decoder import (
-    DecoderSpec,
-    LlamaStyleDecoder,
-    ParamLoader,
-    fused_param_name,
-    unfused_names,
-)
+from vllm_zipar.models.llama_decoder import DecoderSpec, LlamaStyleDecoder, load_hf_layout
 
 ARCHITECTURE = "JanusForImageGeneration"
 
@@ -70,23 +64,6 @@ def janus_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]
         TEXT_VOCAB_KEY: text_vocab,
     }
     return {"hf_overrides": overrides, "max_model_len": max_model_len}
-
-
-def janus_decoder_spec(text: Any) -> DecoderSpec:
-    """Janus's language model (transformers' `LlamaConfig` fields) as a `DecoderSpec`."""
-    heads = text.num_attention_heads
-    return DecoderSpec(
-        hidden_size=text.hidden_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=text.num_key_value_heads or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        intermediate_size=text.intermediate_size,
-        rms_norm_eps=text.rms_norm_eps,
-        attention_bias=bool(getattr(text, "attention_bias", False)),
-        mlp_bias=bool(getattr(text, "mlp_bias", False)),
-        hidden_act=text.hidden_act,
-    )
 
 
 def _activation(name: str) -> nn.Module:
@@ -153,7 +130,7 @@ class JanusForImageGeneration(LlamaStyleDecoder):
                 f"[{self.text_vocab_size}, {self.text_vocab_size + self.codebook_size}); start the engine "
                 "with janus_engine_overrides' hf_overrides (vllm-zipar's front-ends do)"
             )
-        spec = janus_decoder_spec(text)
+        spec = DecoderSpec.from_llama_config(text)
         if spec.hidden_act != "silu":
             raise ValueError(
                 f"Janus language model: hidden_act {spec.hidden_act!r} is not supported (only silu)"
@@ -198,38 +175,18 @@ class JanusForImageGeneration(LlamaStyleDecoder):
         return self.generation_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = ParamLoader(self)
-        loaded: set[str] = set()  # our parameter names before q/k/v and gate/up fusion
-        unexpected: list[str] = []
-        for key, tensor in weights:
-            if key.startswith(SKIPPED_PREFIXES):
-                continue  # not the generation path (see the module docstring)
-            name = checkpoint_key_to_param(key)
-            if name is None:
-                unexpected.append(key)
-                continue
-            param_name, shard = fused_param_name(name)
-            if params.held_elsewhere(param_name):
-                continue  # another pipeline rank holds it
-            if param_name not in params:
-                unexpected.append(key)
-                continue
-            params.load(param_name, tensor, shard)
-            loaded.add(name)
-        if unexpected:
-            raise ValueError(
-                f"Janus checkpoint: {len(unexpected)} unexpected weights {sorted(unexpected)[:8]}; expected "
+        return load_hf_layout(
+            self,
+            weights,
+            checkpoint_key_to_param,
+            skip=SKIPPED_PREFIXES,  # not the generation path (see the module docstring)
+            checkpoint="Janus checkpoint",
+            nouns=("weights", "generation-path weights"),
+            expected=(
                 f"keys under {[_LM_PREFIX, *_GENERATION_PREFIXES]} or the skipped {list(SKIPPED_PREFIXES)} "
                 f"(num_hidden_layers={self.text_config.num_hidden_layers})"
-            )
-        missing = sorted(
-            name for param_name in params.params for name in unfused_names(param_name) if name not in loaded
+            ),
         )
-        if missing:
-            raise ValueError(
-                f"Janus checkpoint: generation-path weights missing for {missing[:8]} ({len(missing)})"
-            )
-        return set(params.params)
 
 
 def checkpoint_key_to_param(key: str) -> str | None:

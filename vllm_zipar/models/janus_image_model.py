@@ -15,43 +15,23 @@ override them in an optional `zipar.json` (`sampling_defaults`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
+from vllm_zipar.models.hf_image_model import HFImageModel
 from vllm_zipar.models.image_grid import VisualTokens
-from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.image_prompts import ImageSize, SamplingDefaults
 from vllm_zipar.models.janus_checkpoint import JanusTokens, janus_text_vocab_size
 from vllm_zipar.models.prompt_error import PromptError, quote
 
 SAMPLING_DEFAULTS = SamplingDefaults(cfg_scale=5.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
 MAX_PROMPT_TOKENS = 512  # per prompt; bounds max_model_len
-OPTIONS_FILE = "zipar.json"
 
 
-class JanusImageModel(ImageModel):
+class JanusImageModel(HFImageModel):
     family = "Janus-Pro"
     prompt_kind = "text"
-
-    @classmethod
-    def load_config(cls, model_dir: Path) -> Any:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(model_dir)
-
-    @cached_property
-    def options(self) -> dict[str, Any]:
-        path = self.model_dir / OPTIONS_FILE
-        if not path.is_file():
-            return {}
-        options = json.loads(path.read_text())
-        unknown = set(options) - {"sampling_defaults"}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return options
 
     # ------------------------------------------------------------------ engine side
 

@@ -13,8 +13,9 @@ unfused so every family keeps its reference's exact float32 arithmetic.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,23 @@ class DecoderSpec:
     # Heads run padded with zero channels to this size where the attention kernel lacks `head_dim` (zeros
     # add nothing to q·k; padded v channels come out zero and are cut off; the scale stays head_dim's).
     kernel_head_dim: int | None = None
+
+    @classmethod
+    def from_llama_config(cls, text: Any) -> DecoderSpec:
+        """The decoder a transformers Llama-style text config describes (`LlamaConfig`, `Emu3TextConfig`)."""
+        heads = text.num_attention_heads
+        return cls(
+            hidden_size=text.hidden_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=text.num_key_value_heads or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate_size=text.intermediate_size,
+            rms_norm_eps=text.rms_norm_eps,
+            attention_bias=bool(getattr(text, "attention_bias", False)),
+            mlp_bias=bool(getattr(text, "mlp_bias", False)),
+            hidden_act=text.hidden_act,
+        )
 
 
 class DecoderAttention(nn.Module):
@@ -216,6 +234,54 @@ class ParamLoader:
         else:
             loader(param, tensor, shard)
         self.loaded.add(param_name)
+
+
+def load_hf_layout(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    key_to_param: Callable[[str], str | None],
+    *,
+    skip: tuple[str, ...] = (),
+    tied: tuple[str, ...] = (),
+    checkpoint: str,
+    nouns: tuple[str, str] = ("weights", "weights"),
+    expected: str,
+) -> set[str]:
+    """Load a Hugging Face checkpoint whose Llama projections are unfused (q/k/v, gate/up) into `model`.
+
+    `key_to_param` maps a checkpoint key to our (unfused) parameter name, or None for a key that is not ours;
+    keys under `skip` are read elsewhere or not at all; parameters in `tied` share another's weight. Every
+    unexpected key and every parameter left unfilled is named in a ValueError (`checkpoint`: e.g. "Emu3
+    checkpoint"; `nouns`: what the unexpected and the missing keys are called; `expected`: where the keys
+    should have been).
+    """
+    params = ParamLoader(model)
+    loaded: set[str] = set()  # unfused names
+    unexpected: list[str] = []
+    for key, tensor in weights:
+        if key.startswith(skip):
+            continue
+        name = key_to_param(key)
+        if name is None:
+            unexpected.append(key)
+            continue
+        param_name, shard = fused_param_name(name)
+        if param_name in tied or params.held_elsewhere(param_name):
+            continue  # tied to another parameter, or held by another pipeline rank
+        if param_name not in params:
+            unexpected.append(key)
+            continue
+        params.load(param_name, tensor, shard)
+        loaded.add(name)
+    if unexpected:
+        raise ValueError(
+            f"{checkpoint}: {len(unexpected)} unexpected {nouns[0]} {sorted(unexpected)[:8]}; "
+            f"expected {expected}"
+        )
+    missing = sorted(name for param in params.params for name in unfused_names(param) if name not in loaded)
+    if missing:
+        raise ValueError(f"{checkpoint}: {nouns[1]} missing for {missing[:8]} ({len(missing)})")
+    return set(params.params)
 
 
 # Hugging Face Llama's unfused projections -> (our fused parameter, shard id), as vLLM's llama.py maps them.

@@ -10,13 +10,14 @@ grids of VQ code indices into PIL images exactly as `Emu3ForConditionalGeneratio
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+
+from vllm_zipar.models.vq.transformers_vq import load_vq_module, read_prefixed_state_dict
 
 VQ_PREFIXES = ("model.vqmodel.", "vqmodel.")
 
@@ -34,50 +35,16 @@ class Emu3VQ:
         return int(self.model.spatial_scale_factor)
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
-    return files
-
-
 def read_emu3_vq_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The VQ's tensors from a model directory's safetensors, keyed as `Emu3VQVAE` names them."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(Path(model_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                prefix = next((p for p in VQ_PREFIXES if key.startswith(p)), None)
-                if prefix is not None:
-                    state[key[len(prefix) :]] = f.get_tensor(key)
-    if not state:
-        raise ValueError(f"{model_dir}: no VQ weights (keys under {list(VQ_PREFIXES)}) in its safetensors")
-    return state
+    return read_prefixed_state_dict(model_dir, VQ_PREFIXES)
 
 
 def load_emu3_vq(model_dir: str | Path, device: str | torch.device = "cpu") -> Emu3VQ:
     """transformers' `Emu3VQVAE` for `model_dir`'s `vq_config` (float32, eval), only the VQ weights read."""
-    from transformers import AutoConfig, Emu3ImageProcessor, Emu3VQVAE
+    from transformers import Emu3ImageProcessor, Emu3VQVAE
 
-    config = AutoConfig.from_pretrained(model_dir)
-    state = read_emu3_vq_state_dict(model_dir)
-    with torch.device("meta"):
-        model = Emu3VQVAE(config.vq_config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{model_dir}: the VQ weights do not match its vq_config: missing {missing[:8]} "
-            f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})"
-        )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    model = model.to(device).float().eval()
+    model = load_vq_module(model_dir, Emu3VQVAE, VQ_PREFIXES, device)
     return Emu3VQ(model=model, image_processor=Emu3ImageProcessor.from_pretrained(model_dir))
 
 

@@ -11,7 +11,6 @@ postprocessing. `codes_to_pil` turns grids of VQ code indices into PIL images ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from vllm_zipar.models.image_grid import VisualTokens
+from vllm_zipar.models.vq.transformers_vq import load_vq_module, read_prefixed_state_dict
 
 VQ_PREFIX = "model.vqmodel."
 
@@ -43,49 +43,16 @@ class JanusVQ:
         return 2 ** (len(self.model.config.channel_multiplier) - 1)
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():  # a sharded checkpoint (the real 1B and 7B are)
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
-    return files
-
-
 def read_janus_vq_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The VQ's tensors from a model directory's safetensors, keyed as `JanusVQVAE` names them."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(Path(model_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(VQ_PREFIX):
-                    state[key[len(VQ_PREFIX) :]] = f.get_tensor(key)
-    if not state:
-        raise ValueError(f"{model_dir}: no VQ weights (keys under {VQ_PREFIX!r}) in its safetensors")
-    return state
+    return read_prefixed_state_dict(model_dir, (VQ_PREFIX,))
 
 
 def load_janus_vq(model_dir: str | Path, device: str | torch.device = "cpu") -> JanusVQ:
     """transformers' `JanusVQVAE` for `model_dir`'s `vq_config` (float32, eval), only the VQ weights read."""
-    from transformers import AutoConfig, AutoImageProcessor, JanusVQVAE
+    from transformers import AutoImageProcessor, JanusVQVAE
 
-    config = AutoConfig.from_pretrained(model_dir)
-    state = read_janus_vq_state_dict(model_dir)
-    with torch.device("meta"):
-        model = JanusVQVAE(config.vq_config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{model_dir}: the VQ weights do not match its vq_config: missing {missing[:8]} "
-            f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})"
-        )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    model = model.to(device).float().eval()
+    model = load_vq_module(model_dir, JanusVQVAE, (VQ_PREFIX,), device)
     return JanusVQ(model=model, image_processor=AutoImageProcessor.from_pretrained(model_dir))
 
 
