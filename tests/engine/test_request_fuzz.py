@@ -24,7 +24,7 @@ from vllm_zipar.zipar.plan import zipar_steps
 
 pytestmark = pytest.mark.engine
 
-REQUESTS = 120  # per family
+REQUESTS = 100  # per family
 MAX_STEPS = 6000  # a stall fails the test instead of hanging it
 TEXT_PROMPTS = ["a red cat", "a red cat", "two dogs on a beach at dawn", "a house", "an old tree in a field"]
 NEGATIVES = [None, "ugly blurry", "lowres, bad anatomy, blurry, ugly, " * 8]
@@ -51,7 +51,7 @@ def random_request(rng: random.Random, generator: ImageGenerator) -> FuzzRequest
         kwargs["zipar_window"] = rng.choice([1, 2, 3, width - 1, width, width + 2])
     kwargs["cfg_scale"] = rng.choice([1.0, 1.0, 2.0, 3.0])
     text = model.prompt_kind == "text"
-    if text and kwargs["cfg_scale"] != 1.0:
+    if model.takes_negative_prompt and kwargs["cfg_scale"] != 1.0:
         negative = rng.choice(NEGATIVES)
         if negative is not None:
             kwargs["negative_prompt"] = negative
@@ -69,12 +69,12 @@ def expected_passes(image, eol: bool) -> int:
     return zipar_steps(height, width, image.stats.window, eol=eol)
 
 
-@pytest.fixture(scope="module", params=["llamagen", "emu3"])
+@pytest.fixture(scope="module", params=["llamagen", "emu3", "janus"])
 def fuzz_engine(request, tmp_path_factory):
     model_dir = write_tiny_dir(request.param, tmp_path_factory.mktemp(f"fuzz-{request.param}"), seed=7)
-    # KV for a handful of images (Emu3's must still hold one request of its max_model_len), in blocks of 32
+    # KV for a handful of images (Emu3's and Janus's must hold one request of max_model_len), in blocks of 32
     # tokens: preemption and prefix-cache hits.
-    kv_bytes = {"llamagen": 512 << 10, "emu3": 700 << 10}[request.param]
+    kv_bytes = {"llamagen": 512 << 10, "emu3": 700 << 10, "janus": 700 << 10}[request.param]
     generator = ImageGenerator(
         model_dir, max_num_seqs=12, kv_cache_memory_bytes=kv_bytes, block_size=32, disable_log_stats=False
     )
