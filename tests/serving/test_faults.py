@@ -251,9 +251,7 @@ def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory
     try:
         with ThreadPoolExecutor(48) as pool:
             inflight = [pool.submit(post, server, {**HEAVY, "seed": i}, MARGIN) for i in range(48)]
-            # Kill as soon as the engine has two requests' images: the other 46 are still in flight then
-            # (waiting for every admission let a loaded machine finish them all first: nothing failed).
-            wait_until_admitted(server, 2 * HEAVY["n"])
+            wait_until_admitted(server, 48 * HEAVY["n"])
             engine_core_of(server).send_signal(signal.SIGKILL)
             outcomes = [future.result() for future in inflight]  # none waits for its 60 s timeout
         failed = [r for r in outcomes if r.status_code != 200]  # some may have finished before the kill
