@@ -244,20 +244,41 @@ def wait_until_admitted(server: ServedModel, engine_requests: int) -> None:
         time.sleep(0.1)
 
 
-def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory):
+def kill_engine_under_load(tmp_path_factory, attempt: int):
+    """Start a server, send 48 heavy requests, SIGKILL the engine core once all are admitted; returns the
+    server (stopped or stopping) and the responses."""
     # One engine slot: the heavy requests then outlast the admission wait even on an idle machine, where the
     # API server may answer `/metrics` only after seconds (see test_sigterm_drains_then_exits).
-    server = start_server(tmp_path_factory, "engine-death", ("--max-num-seqs", "1"))
+    server = start_server(tmp_path_factory, f"engine-death-{attempt}", ("--max-num-seqs", "1"))
     try:
         with ThreadPoolExecutor(48) as pool:
             inflight = [pool.submit(post, server, {**HEAVY, "seed": i}, MARGIN) for i in range(48)]
             wait_until_admitted(server, 48 * HEAVY["n"])
             engine_core_of(server).send_signal(signal.SIGKILL)
-            outcomes = [future.result() for future in inflight]  # none waits for its 60 s timeout
+            return server, [future.result() for future in inflight]  # none waits for its 60 s timeout
+    except BaseException:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        raise
+
+
+def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory):
+    # A late `/metrics` answer on a loaded machine can let every image finish before the kill: that attempt
+    # tests nothing, so it is run again on a fresh server (at most three times).
+    for attempt in range(3):
+        server, outcomes = kill_engine_under_load(tmp_path_factory, attempt)
         failed = [r for r in outcomes if r.status_code != 200]  # some may have finished before the kill
-        assert failed
+        if failed:
+            break
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    try:
+        assert failed, "every image finished before the kill, three times"
         for response in failed:
-            assert error_of(response, 503)["code"] == "engine_dead"
+            # 503 engine_dead; or 408 when the starved API loop (issue 22) read a body too late, before the
+            # death: still a clear error body, never a dropped connection or a 500.
+            code = 408 if response.status_code == 408 else 503
+            assert error_of(response, code)["code"] == ("request_timeout" if code == 408 else "engine_dead")
         status = server.process.wait(timeout=MARGIN)
         assert status != 0  # vLLM alone exits 0 here: a supervisor would not restart it
         # The log counts the failed images, also those that failed before the watcher saw the death.
