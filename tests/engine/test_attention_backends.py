@@ -13,25 +13,17 @@ import pytest
 import torch
 
 from tests.engine.conftest import attention_impls, kv_cache_usage, tiny_model_with_oracle
+from tests.engine.staggered import assert_preempted_and_drained, decoding_kwargs, engine_on, run_staggered
 from tests.engine.test_guidance import reference as guided_reference
 from tests.engine.test_zipar_engine import SAMPLING, reference
-from tests.engine.test_zipar_scheduling import scheduler_of
 from vllm_zipar.engine.attention import ZipARCPUAttentionImpl
-from vllm_zipar.engine.attention_backends import ATTENTION_ENV
 from vllm_zipar.engine.flex_attention import ZipARFlexAttentionImpl
-from vllm_zipar.serving.offline import ImageGenerator
 
 pytestmark = pytest.mark.engine
 
 BACKENDS = ["cpu", "flex"]
 IMPLS = {"cpu": ZipARCPUAttentionImpl, "flex": ZipARFlexAttentionImpl}
 GRID = 8
-
-
-def engine_on(backend: str, model_dir, **kwargs) -> ImageGenerator:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ATTENTION_ENV, backend)  # read when the model and the runner are built
-        return ImageGenerator(model_dir, disable_log_stats=False, **kwargs)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -86,20 +78,11 @@ MIXED = [
 ]
 
 
-def run_staggered(generator: ImageGenerator, requests, *, every: int, batch: int) -> dict:
-    """Submit `batch` requests every `every` engine steps; returns {index: image}."""
-    finished, pending, steps = {}, list(enumerate(requests)), 0
-    while pending or generator.has_unfinished_requests():
-        if pending and steps % every == 0:
-            for index, (label, window, seed, scale) in pending[:batch]:
-                kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-                kwargs.update(dict(seed=seed, **SAMPLING) if seed is not None else dict(temperature=0.0))
-                generator.add_request(f"img-{index}", label, cfg_scale=scale, **kwargs)
-            pending = pending[batch:]
-        for image in generator.step():
-            finished[int(image.request_id.split("-")[1])] = image
-        steps += 1
-    return finished
+def mixed_requests() -> list[tuple[int, dict]]:
+    return [
+        (label, dict(cfg_scale=scale, **decoding_kwargs(window, seed, SAMPLING)))
+        for label, window, seed, scale in MIXED
+    ]
 
 
 def check(oracle, finished: dict) -> None:
@@ -111,7 +94,7 @@ def check(oracle, finished: dict) -> None:
 
 def test_a_staggered_mixed_batch_equals_the_reference(engine):
     _, generator, oracle = engine
-    check(oracle, run_staggered(generator, MIXED, every=3, batch=3))
+    check(oracle, run_staggered(generator, mixed_requests(), every=3, batch=3))
     assert kv_cache_usage(generator) == 0.0
 
 
@@ -131,9 +114,6 @@ def test_forced_preemption_keeps_every_image_exact(backend, tmp_path_factory):
         enable_chunked_prefill=True,
     )
     with generator:
-        finished = run_staggered(generator, MIXED, every=2, batch=4)
-        scheduler = scheduler_of(generator)
-        assert scheduler.num_preempted_images > 0
-        assert kv_cache_usage(generator) == 0.0
-        assert not scheduler.images
+        finished = run_staggered(generator, mixed_requests(), every=2, batch=4)
+        assert_preempted_and_drained(generator)
     check(oracle, finished)

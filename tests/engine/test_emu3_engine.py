@@ -16,11 +16,16 @@ import pytest
 import torch
 
 from tests.engine.conftest import kv_cache_usage
-from tests.engine.test_zipar_scheduling import scheduler_of
+from tests.engine.staggered import (
+    PREEMPTING_ENGINE,
+    assert_preempted_and_drained,
+    decoding_kwargs,
+    engine_on,
+    run_staggered,
+)
 from tests.reference.emu3_decoders import zipar_decode_eol
 from tests.reference.emu3_hf import Emu3SpecialIds, hf_generate_image
 from tests.reference.emu3_text import ReferenceEmu3
-from vllm_zipar.engine.attention_backends import ATTENTION_ENV
 from vllm_zipar.serving.offline import ImageGenerator
 from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 from vllm_zipar.zipar.plan import zipar_steps
@@ -44,12 +49,6 @@ def write_model(model_dir):
     write_random_emu3_dir(model_dir, seed=3)
     (model_dir / "zipar.json").write_text(json.dumps(OPTIONS))
     return model_dir
-
-
-def engine_on(backend: str, model_dir, **kwargs) -> ImageGenerator:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ATTENTION_ENV, backend)
-        return ImageGenerator(model_dir, disable_log_stats=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -191,21 +190,19 @@ MIXED = [
 ]
 
 
-def run_staggered(generator: ImageGenerator, *, every: int, batch: int) -> dict:
-    finished, pending, steps = {}, list(enumerate(MIXED)), 0
-    while pending or generator.has_unfinished_requests():
-        if pending and steps % every == 0:
-            for index, (prompt, size, window, seed, scale) in pending[:batch]:
-                kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-                kwargs.update(dict(seed=seed, **SAMPLING) if seed is not None else dict(temperature=0.0))
-                generator.add_request(
-                    f"img-{index}", prompt, size=size, cfg_scale=scale, negative_prompt=NEGATIVE, **kwargs
-                )
-            pending = pending[batch:]
-        for image in generator.step():
-            finished[int(image.request_id.split("-")[1])] = image
-        steps += 1
-    return finished
+def mixed_requests() -> list[tuple[str, dict]]:
+    return [
+        (
+            prompt,
+            dict(
+                size=size,
+                cfg_scale=scale,
+                negative_prompt=NEGATIVE,
+                **decoding_kwargs(window, seed, SAMPLING),
+            ),
+        )
+        for prompt, size, window, seed, scale in MIXED
+    ]
 
 
 def check_mixed(generator, oracle, finished) -> None:
@@ -220,7 +217,7 @@ def check_mixed(generator, oracle, finished) -> None:
 
 def test_a_staggered_mixed_batch_of_sizes_equals_the_oracle(engine, oracle):
     _, generator = engine
-    check_mixed(generator, oracle, run_staggered(generator, every=3, batch=2))
+    check_mixed(generator, oracle, run_staggered(generator, mixed_requests(), every=3, batch=2))
     assert kv_cache_usage(generator) == 0.0
 
 
@@ -230,19 +227,9 @@ def test_forced_preemption_keeps_every_image_exact(backend, model_dir, oracle):
     # others; a 32-token budget cuts the recomputes into chunks. max_model_len fits the largest request
     # here (the model's default reserves room for 512-token prompts).
     generator = engine_on(
-        backend,
-        model_dir,
-        max_num_seqs=6,
-        block_size=32,
-        num_gpu_blocks_override=12,
-        max_num_batched_tokens=32,
-        enable_chunked_prefill=True,
-        max_model_len=352,
+        backend, model_dir, **PREEMPTING_ENGINE, num_gpu_blocks_override=12, max_model_len=352
     )
     with generator:
-        finished = run_staggered(generator, every=2, batch=3)
-        scheduler = scheduler_of(generator)
-        assert scheduler.num_preempted_images > 0
-        assert kv_cache_usage(generator) == 0.0
-        assert not scheduler.images
+        finished = run_staggered(generator, mixed_requests(), every=2, batch=3)
+        assert_preempted_and_drained(generator)
         check_mixed(generator, oracle, finished)

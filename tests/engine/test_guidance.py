@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.engine.conftest import TEST_KV_CACHE_BYTES, kv_cache_usage, tiny_model_with_oracle
-from tests.engine.test_zipar_scheduling import scheduler_of
+from tests.engine.staggered import run_staggered, scheduler_of
 from tests.reference.decoders import ntp_decode, zipar_decode
 from vllm_zipar.serving.offline import ImageGenerator
 
@@ -118,20 +118,6 @@ def test_scale_one_holds_kv_for_one_sequence_and_a_guided_image_for_two(grid8):
 def copy(entry):
     label, kwargs = entry
     return label, dict(kwargs)
-
-
-def run_staggered(generator, requests, *, every=2, batch=3):
-    """Submit `batch` requests every `every` steps; returns {index: image}."""
-    finished, pending, steps = {}, list(enumerate(requests)), 0
-    while pending or generator.has_unfinished_requests():
-        if pending and steps % every == 0:
-            for index, (label, kwargs) in pending[:batch]:
-                generator.add_request(f"img-{index}", label, **kwargs)
-            pending = pending[batch:]
-        for image in generator.step():
-            finished[int(image.request_id.split("-")[1])] = image
-        steps += 1
-    return finished
 
 
 def test_arrival_order_and_company_cannot_change_a_guided_image(grid8):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import kv_cache_usage, tiny_model_with_oracle
-from tests.engine.test_guidance import GRID, reference, request_kwargs, run_staggered
-from tests.engine.test_zipar_scheduling import scheduler_of
+from tests.engine.conftest import tiny_model_with_oracle
+from tests.engine.staggered import assert_preempted_and_drained, run_staggered
+from tests.engine.test_guidance import GRID, reference, request_kwargs
 from vllm_zipar.serving.offline import ImageGenerator
 
 pytestmark = pytest.mark.engine
@@ -47,11 +47,8 @@ def test_twelve_staggered_mixed_scales_and_windows_under_preemption(tmp_path_fac
     )
     requests = [(i % 10, request_kwargs(w, s, c)) for i, (w, s, c) in enumerate(MIXED)]
     with generator:
-        finished = run_staggered(generator, requests)
-        scheduler = scheduler_of(generator)
-        assert scheduler.num_preempted_images > 0
-        assert kv_cache_usage(generator) == 0.0
-        assert not scheduler.images
+        finished = run_staggered(generator, requests, every=2, batch=3)
+        assert_preempted_and_drained(generator)
     assert sorted(finished) == list(range(12))
     for index, (window, seed, scale) in enumerate(MIXED):
         expected = reference(oracle, index % 10, window, seed=seed, cfg_scale=scale)

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from tests.engine.conftest import kv_cache_usage
-from vllm_zipar.engine.attention_backends import ATTENTION_ENV
+from tests.engine.staggered import (
+    PREEMPTING_ENGINE,
+    assert_preempted_and_drained,
+    decoding_kwargs,
+    engine_on,
+    run_staggered,
+)
 from vllm_zipar.serving.offline import ImageGenerator
 from vllm_zipar.testing.janus_dirs import write_random_janus_dir
 from vllm_zipar.zipar.plan import zipar_steps
@@ -48,12 +54,6 @@ def hf_model(model_dir):
     from transformers import JanusForConditionalGeneration
 
     return JanusForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def engine_on(backend: str, model_dir, **kwargs) -> ImageGenerator:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ATTENTION_ENV, backend)
-        return ImageGenerator(model_dir, disable_log_stats=False, **kwargs)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -223,19 +223,11 @@ MIXED = [
 ]
 
 
-def run_staggered(generator: ImageGenerator, *, every: int, batch: int) -> dict:
-    finished, pending, steps = {}, list(enumerate(MIXED)), 0
-    while pending or generator.has_unfinished_requests():
-        if pending and steps % every == 0:
-            for index, (prompt, window, seed, scale) in pending[:batch]:
-                kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-                kwargs.update(dict(seed=seed, **SAMPLING) if seed is not None else dict(temperature=0.0))
-                generator.add_request(f"img-{index}", prompt, cfg_scale=scale, **kwargs)
-            pending = pending[batch:]
-        for image in generator.step():
-            finished[int(image.request_id.split("-")[1])] = image
-        steps += 1
-    return finished
+def mixed_requests() -> list[tuple[str, dict]]:
+    return [
+        (prompt, dict(cfg_scale=scale, **decoding_kwargs(window, seed, SAMPLING)))
+        for prompt, window, seed, scale in MIXED
+    ]
 
 
 def check_mixed(generator: ImageGenerator, oracle, finished: dict) -> None:
@@ -247,7 +239,7 @@ def check_mixed(generator: ImageGenerator, oracle, finished: dict) -> None:
 
 
 def test_a_staggered_mixed_batch_equals_the_oracle(engine, oracle):
-    check_mixed(engine, oracle, run_staggered(engine, every=3, batch=2))
+    check_mixed(engine, oracle, run_staggered(engine, mixed_requests(), every=3, batch=2))
     assert kv_cache_usage(engine) == 0.0
 
 
@@ -255,22 +247,10 @@ def test_a_staggered_mixed_batch_equals_the_oracle(engine, oracle):
 def test_forced_preemption_keeps_every_image_exact(backend, model_dir, oracle):
     # Few blocks of 32 tokens for six images (a guided one holds several): the scheduler must preempt and
     # recompute; a 32-token budget cuts the recomputes into chunks.
-    from tests.engine.test_zipar_scheduling import scheduler_of
-
     generator = engine_on(
-        backend,
-        model_dir,
-        max_num_seqs=6,
-        block_size=32,
-        num_gpu_blocks_override=14,
-        max_num_batched_tokens=32,
-        enable_chunked_prefill=True,
-        max_model_len=320,
+        backend, model_dir, **PREEMPTING_ENGINE, num_gpu_blocks_override=14, max_model_len=320
     )
     with generator:
-        finished = run_staggered(generator, every=2, batch=3)
-        scheduler = scheduler_of(generator)
-        assert scheduler.num_preempted_images > 0
-        assert kv_cache_usage(generator) == 0.0
-        assert not scheduler.images
+        finished = run_staggered(generator, mixed_requests(), every=2, batch=3)
+        assert_preempted_and_drained(generator)
         check_mixed(generator, oracle, finished)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.engine.conftest import kv_cache_usage
-from tests.engine.test_zipar_scheduling import scheduler_of
+from tests.engine.staggered import scheduler_of
 from vllm_zipar.serving.offline import ImageGenerator
 from vllm_zipar.testing.tiny_dirs import write_tiny_dir
 from vllm_zipar.zipar.plan import zipar_steps

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.engine.conftest import kv_cache_usage, tiny_model_with_oracle
+from tests.engine.staggered import assert_preempted_and_drained, decoding_kwargs, run_staggered, scheduler_of
 from tests.engine.test_zipar_engine import SAMPLING, reference
 from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.llamagen_checkpoint import random_gpt_state_dict
@@ -32,35 +33,15 @@ MIXED = [
 ]
 
 
-def scheduler_of(generator: ImageGenerator):
-    return generator.llm.llm_engine.engine_core.engine_core.scheduler
-
-
 def model_and_oracle(tmp_path_factory, name: str, state_dict=None):
     model_dir = tmp_path_factory.mktemp(name)
     _, oracle = tiny_model_with_oracle(model_dir, seed=5, grid_size=8, state_dict=state_dict)
     return model_dir, oracle
 
 
-def run_staggered(generator: ImageGenerator, requests, every: int = 3, batch: int = 3, abort=()):
-    """Submit `batch` requests every `every` engine steps; abort the ids in `abort` a few steps after."""
-    finished, pending, steps = {}, list(enumerate(requests)), 0
-    while pending or generator.has_unfinished_requests():
-        if pending and steps % every == 0:
-            for index, (label, window, seed) in pending[:batch]:
-                kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-                if seed is not None:
-                    kwargs.update(seed=seed, **SAMPLING)
-                else:
-                    kwargs.update(temperature=0.0)
-                generator.add_request(f"img-{index}", label, **kwargs)
-            pending = pending[batch:]
-        if steps == 7 and abort:
-            generator.abort([f"img-{i}" for i in abort])
-        for image in generator.step():
-            finished[int(image.request_id.split("-")[1])] = image
-        steps += 1
-    return finished
+def as_requests(requests) -> list[tuple[int, dict]]:
+    """(label, window, seed) triples as `run_staggered` requests."""
+    return [(label, decoding_kwargs(window, seed, SAMPLING)) for label, window, seed in requests]
 
 
 def check_against_reference(oracle, requests, finished):
@@ -79,7 +60,7 @@ def test_twelve_staggered_mixed_requests_each_equal_their_reference(tmp_path_fac
         model_dir, max_num_seqs=8, kv_cache_memory_bytes=32 << 20, disable_log_stats=False
     )
     requests = [(index % 10, window, seed) for index, (window, seed) in enumerate(MIXED)]
-    finished = run_staggered(generator, requests)
+    finished = run_staggered(generator, as_requests(requests), every=3, batch=3)
     assert sorted(finished) == list(range(12))
     check_against_reference(oracle, requests, finished)
     assert kv_cache_usage(generator) == 0.0
@@ -101,11 +82,8 @@ def test_preemption_tiny_budget_and_aborts_keep_every_image_exact_and_free_every
     )
     requests = [(index % 10, window, seed) for index, (window, seed) in enumerate(MIXED)]
     with generator:
-        finished = run_staggered(generator, requests, every=2, batch=4, abort=(1, 4))
-        scheduler = scheduler_of(generator)
-        assert scheduler.num_preempted_images > 0
-        assert kv_cache_usage(generator) == 0.0
-        assert not scheduler.images  # no per-image state left behind
+        finished = run_staggered(generator, as_requests(requests), every=2, batch=4, abort=(1, 4))
+        assert_preempted_and_drained(generator)
     assert sorted(finished) == [i for i in range(12) if i not in (1, 4)]
     check_against_reference(oracle, requests, finished)
 
