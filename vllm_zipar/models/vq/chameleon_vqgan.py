@@ -353,4 +353,5 @@ def codes_to_pil(vqgan: ChameleonVQGAN, codes: torch.Tensor) -> list[Image.Image
     pixels = vqgan.decode_codes(codes).detach().float().cpu()
     unit = (torch.clamp(pixels, -1.0, 1.0) + 1.0) / 2.0
     hwc = unit.permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray((image * 255).astype(np.uint8)).convert("RGB") for image in hwc]
+    images = [Image.fromarray((image * 255).astype(np.uint8)) for image in hwc]
+    return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
