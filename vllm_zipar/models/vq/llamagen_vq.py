@@ -124,13 +124,13 @@ class LlamaGenVQConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
+def swish(x: torch.Tensor) -> torch.Tensor:
     # Written out rather than F.silu: the fused kernel rounds differently in the last bit, and this
     # form keeps decoded pixels bit-identical to the authors' code (checked on CPU float32).
     return x * torch.sigmoid(x)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> nn.GroupNorm:
     # eps=1e-6 (not PyTorch's 1e-5) is what the checkpoints were trained with.
     return nn.GroupNorm(num_groups=GROUP_NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
@@ -142,9 +142,9 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         # The authors' conv_shortcut option (3x3) is never enabled by any of their models, so only
@@ -153,8 +153,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(self.dropout(_swish(self.norm2(h))))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
@@ -165,7 +165,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -259,7 +259,7 @@ class Encoder(nn.Module):
                 resolution.downsample = Downsample(block_in)
             self.conv_blocks.append(resolution)
         self.mid = _middle_blocks(block_in, config.dropout_p)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,7 @@ class Encoder(nn.Module):
                 h = resolution.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -298,7 +298,7 @@ class Decoder(nn.Module):
             if level != 0:
                 resolution.upsample = Upsample(block_in)
             self.conv_blocks.append(resolution)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, IMAGE_CHANNELS, kernel_size=3, stride=1, padding=1)
 
     @property
@@ -314,7 +314,7 @@ class Decoder(nn.Module):
             h = resolution.run_blocks(h)
             if hasattr(resolution, "upsample"):
                 h = resolution.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 @dataclass
