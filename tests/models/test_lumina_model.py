@@ -210,6 +210,17 @@ def test_ntp_greedy_guided_equals_the_reference_at_two_sizes(engine, reference):
 
 
 @pytest.mark.engine
+def test_zipar_runs_on_the_eol_grid_with_no_engine_change(engine):
+    """Not the oracle check (tests/engine has it): ZipAR passes are the EOL closed form `(H-1)w + W`, and a
+    window of the full width decodes the NTP tokens."""
+    ntp = engine.generate(PROMPTS[:1], decoding="ntp", temperature=0.0)[0]
+    for window in (2, 8):
+        image = engine.generate(PROMPTS[:1], zipar_window=window, temperature=0.0)[0]
+        assert image.passes == (8 * 8 if window >= 8 else 7 * window + 8)
+    assert torch.equal(image.tokens, ntp.tokens)
+
+
+@pytest.mark.engine
 @pytest.mark.parallel
 @pytest.mark.timeout(900)
 def test_tensor_parallel_2_equals_tp1(lumina_dir, engine):
