@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -55,6 +59,12 @@ class DecoderSpec:
     # Heads run padded with zero channels to this size where the attention kernel lacks `head_dim` (zeros
     # add nothing to q·k; padded v channels come out zero and are cut off; the scale stays head_dim's).
     kernel_head_dim: int | None = None
+    # Chameleon's q/k norm: each head's q and k layer-normed over its own channels, then scaled and shifted
+    # by that head's weight and bias, before the rotary embedding (`HeadLayerNorm`).
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-5
+    # Chameleon's swin_norm blocks: the norms move after attention and MLP (x + norm(attn(x)), ...).
+    post_norm: bool = False
 
     @classmethod
     def from_llama_config(cls, text: Any) -> DecoderSpec:
@@ -72,6 +82,42 @@ class DecoderSpec:
             mlp_bias=bool(getattr(text, "mlp_bias", False)),
             hidden_act=text.hidden_act,
         )
+
+
+class HeadLayerNorm(nn.Module):
+    """Layer norm over each head's channels with a weight and bias per head, for this rank's heads.
+
+    Statistics are taken per head (no reduction across heads), as Chameleon's `ChameleonLayerNorm` does.
+    Checkpoints store the affine parameters `[n, head_dim]` for `n` groups of consecutive heads (Lumina keeps
+    Chameleon's training layout, `n = model_parallel_size`; transformers' Chameleon stores one row per head):
+    the loader repeats each row over its group (`repeat_interleave`) and keeps this rank's heads.
+    """
+
+    def __init__(
+        self, total_heads: int, local_heads: int, first_head: int, head_dim: int, eps: float
+    ) -> None:
+        super().__init__()
+        self.total_heads, self.local_heads, self.first_head = total_heads, local_heads, first_head
+        self.head_dim, self.eps = head_dim, eps
+        self.weight = nn.Parameter(torch.ones(local_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(local_heads, head_dim))
+        for param in (self.weight, self.bias):
+            param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        groups = loaded.shape[0]
+        if loaded.ndim != 2 or loaded.shape[1] != self.head_dim or self.total_heads % groups:
+            raise ValueError(
+                f"q/k-norm parameter of shape {tuple(loaded.shape)}: expected [n, {self.head_dim}] with n "
+                f"dividing the {self.total_heads} heads"
+            )
+        per_head = loaded.repeat_interleave(self.total_heads // groups, dim=0)
+        param.data.copy_(per_head[self.first_head : self.first_head + self.local_heads])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.reshape(x.shape[0], self.local_heads, self.head_dim)
+        heads = nn.functional.layer_norm(heads, (self.head_dim,), None, None, eps=self.eps)
+        return (heads * self.weight + self.bias).reshape(x.shape[0], -1)
 
 
 class DecoderAttention(nn.Module):
@@ -95,6 +141,16 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.rotary_emb = rotary
+        if spec.qk_norm:
+            rank = get_tensor_model_parallel_rank()
+            # This rank's KV head: its own slice, or (fewer KV heads than ranks) the replica it holds, as
+            # QKVParallelLinear assigns them.
+            kv_first = rank * self.num_kv_heads if kv_heads >= tp else rank // (tp // kv_heads)
+            eps = spec.qk_norm_eps
+            self.q_norm = HeadLayerNorm(heads, self.num_heads, rank * self.num_heads, self.head_dim, eps)
+            self.k_norm = HeadLayerNorm(kv_heads, self.num_kv_heads, kv_first, self.head_dim, eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.qkv_proj = QKVParallelLinear(
             spec.hidden_size,
             self.head_dim,
@@ -125,6 +181,8 @@ class DecoderAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(
             self._to_kernel_heads(q.reshape(q.shape[0], -1), self.num_heads),
@@ -140,7 +198,7 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)) (SwiGLU)."""
+    """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)) (SwiGLU); post-norm if the spec says."""
 
     def __init__(self, spec: DecoderSpec, rotary: Rotary, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
@@ -154,8 +212,12 @@ class DecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
+        self.post_norm = spec.post_norm
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:  # Chameleon's ChameleonSwinDecoderLayer: the same norms, after each sublayer
+            h = x + self.input_layernorm(self.self_attn(positions, x))
+            return h + self.post_attention_layernorm(self.mlp(h))
         h = x + self.self_attn(positions, self.input_layernorm(x))
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -21,6 +21,7 @@ IMAGE_MODELS = {
     "llamagen": "vllm_zipar.models.llamagen_image_model:LlamaGenImageModel",
     "emu3": "vllm_zipar.models.emu3_image_model:Emu3ImageModel",
     "janus": "vllm_zipar.models.janus_image_model:JanusImageModel",
+    "chameleon": "vllm_zipar.models.lumina_image_model:LuminaImageModel",
 }
 
 
@@ -29,6 +30,7 @@ VLLM_MODEL_CLASSES = {
     "LlamaGenForImageGeneration": "vllm_zipar.models.llamagen:LlamaGenForImageGeneration",
     "Emu3ForImageGeneration": "vllm_zipar.models.emu3:Emu3ForImageGeneration",
     "JanusForImageGeneration": "vllm_zipar.models.janus:JanusForImageGeneration",
+    "LuminaForImageGeneration": "vllm_zipar.models.lumina:LuminaForImageGeneration",
 }
 # model_type -> "module:Class" of a transformers config that transformers itself does not know.
 CONFIG_CLASSES = {"llamagen": "vllm_zipar.models.llamagen_config:LlamaGenConfig"}

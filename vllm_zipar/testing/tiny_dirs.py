@@ -38,6 +38,9 @@ TINY_LLAMAGEN = dict(
 TINY_EMU3 = dict(image_area=64 * 64)
 # Janus-Pro: the writer's defaults (head dim 32, 2 layers, 64 codes, an 8x8 grid of 16x16 pixels).
 TINY_JANUS: dict[str, Any] = {}
+# Lumina-mGPT: the writer's defaults (head dim 32, 2 layers, 64 codes at shuffled non-contiguous ids, a
+# native 128x128 image = 8x8 tokens, and Lumina's other aspect ratios at that area).
+TINY_LUMINA: dict[str, Any] = {}
 
 
 def write_tiny_llamagen_dir(model_dir: str | Path, *, seed: int = 0, **overrides: Any) -> None:
@@ -58,10 +61,17 @@ def write_tiny_janus_dir(model_dir: str | Path, *, seed: int = 0, **overrides: A
     write_random_janus_dir(model_dir, seed=seed, **{**TINY_JANUS, **overrides})
 
 
+def write_tiny_lumina_dir(model_dir: str | Path, *, seed: int = 0, **overrides: Any) -> None:
+    from vllm_zipar.testing.lumina_dirs import write_tiny_lumina_dir as write
+
+    write(model_dir, seed=seed, **{**TINY_LUMINA, **overrides})
+
+
 TINY_DIR_WRITERS: dict[str, Callable[..., None]] = {
     "llamagen": write_tiny_llamagen_dir,
     "emu3": write_tiny_emu3_dir,
     "janus": write_tiny_janus_dir,
+    "chameleon": write_tiny_lumina_dir,
 }
 
 
