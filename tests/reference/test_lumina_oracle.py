@@ -99,7 +99,7 @@ def test_independent_model_equals_transformers_reference(dirs, ids, variant):
         for attend in _masks(n):
             ours, theirs = ref.forward_tokens(seq, pos, attend), hf.forward_tokens(seq, pos, attend)
             assert ours.shape == (n, ref.config.vocab_size) and ours.dtype == torch.float32
-            assert (ours - theirs).abs().max() < 1e-4  # measured ~5e-6 (logits of order 10)
+            assert (ours - theirs).abs().max() < 1e-4  # measured 1.1e-5 (logits up to 13)
     cut = ours[:, list(ids.visual)]
     assert cut.std() > 1.0  # image logits are not masked to the float minimum
     config = ref.config
@@ -121,7 +121,7 @@ def test_wrong_qk_norm_expansion_is_caught(dirs, ids):
     pos = list(range(len(seq)))
     ours = ref.forward_tokens(seq, pos, causal)
     assert (ours - right.forward_tokens(seq, pos, causal)).abs().max() < 1e-4
-    assert (ours - wrong.forward_tokens(seq, pos, causal)).abs().max() > 1e-1  # measured ~2.5
+    assert (ours - wrong.forward_tokens(seq, pos, causal)).abs().max() > 1e-1  # measured 4.1
     w = torch.arange(6.0).view(2, 3)
     assert expand_head_norm(w, 4).tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
 
@@ -165,7 +165,7 @@ def test_ntp_equals_lumina_cached_generation(hf, ref, ids, cfg, sampling):
         grid, passes = lumina_ntp_decode(model, PROMPT, H, W, ids, cfg_scale=cfg, **sampling)
         assert passes == H * W
         assert lumina_image_sequence(grid, ids) == generated  # exact, EOLs and EOI included
-    assert grid.unique().numel() >= H * W // 3  # not collapsed (measured 12-15 distinct codes of 24)
+    assert grid.unique().numel() >= H * W // 3  # not collapsed (measured 16-20 distinct codes of 24)
 
 
 def test_guidance_uses_lumina_unconditional_context(hf, ids):
@@ -222,7 +222,7 @@ def test_small_windows_agree_across_models(hf, ref, ids):
                     if sampling["temperature"] == 0:
                         gaps = lumina_teacher_forced_gaps(hf, PROMPT, grid, window, ids, cfg_scale=cfg)
                         assert gaps.max() < 1e-3, case
-    assert changed > 0  # windows change tokens after row 0 (measured hundreds of cells in all)
+    assert changed > 0  # windows change tokens after row 0 (measured 547 cells in all)
 
 
 def _replay_with_kv_cache(hf: LuminaHF, prompt: list[int], trace: list, shift: int) -> dict:
@@ -273,7 +273,7 @@ def test_every_zipar_pass_equals_a_kv_cache_run(hf, ref, ids, window):
     cells = {cell: logits for entry in trace for cell, logits in entry["cells"].items()}
     assert set(cells) == set(cond) == set(uncond) == {(r, c) for r in range(H) for c in range(W)}
     worst = max((uncond[k] + CFG * (cond[k] - uncond[k]) - v).abs().max().item() for k, v in cells.items())
-    assert worst < 1e-3  # measured ~2e-5 (guided logits of order 30)
+    assert worst < 1e-3  # measured 4e-5 (guided logits, CFG 3)
     kinds = {f.kind for entry in trace for f in entry["inputs"]}
     assert KV_ONLY in kinds
     eols = [f for entry in trace for f in entry["inputs"] if f.token == ids.eol]
@@ -282,7 +282,8 @@ def test_every_zipar_pass_equals_a_kv_cache_run(hf, ref, ids, window):
 
 def test_wrong_masks_change_tokens(ref, ids):
     """Dropping feed time, or feeding the row-start EOL one position late, changes tokens; the teacher-forced
-    verdict sees order-1 gaps where a near-tie flip would show ~1e-4."""
+    verdict sees order-1 gaps where a near-tie flip would show ~1e-4 (measured: feed time changes 8 cells, at
+    window 2 only; the late EOL 6-18 cells per window, gaps 0.6-1.8)."""
     H, W = 6, 4
     changed_feed_time = changed_shift = 0
     for window in (1, 2, 3):
