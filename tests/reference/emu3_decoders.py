@@ -11,19 +11,33 @@ last token and its EOL fed in the same pass. Each pass recomputes every fed toke
 exact §3 mask with feed time (query i reads key j iff ``pos_j <= pos_i`` and j was fed in i's pass or
 earlier). CFG: the unconditional stream has its own prompt and counts positions from its own length; it
 receives the same image tokens and EOLs; the streams never see each other. A cell's logits are
-``u + s * (c - u)`` over the whole vocabulary, then cut to the visual range and sampled with
+``u + s * (c - u)`` over the whole vocabulary, then cut to the visual tokens and sampled with
 ``sampling.sample_cell`` keyed by ``(seed, cell position in the conditional stream)`` with the code index
-(id minus the range start) as the noise's vocabulary index. Tokens come back as vocabulary ids.
+as the noise's vocabulary index. Tokens come back as vocabulary ids. ``visual`` is Emu3's contiguous
+``(start, stop)`` pair (code ``c`` is id ``start + c``) or, for vocabularies that map codes to ids through a
+table (Chameleon / Lumina-mGPT), a ``range`` or ``list`` of ids in code order (code ``c`` is ``visual[c]``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from .emu3_text import ReferenceEmu3
 from .sampling import cfg_logits, sample_cell
+
+
+class EolModel(Protocol):
+    """What the decoders need of a model (``ReferenceEmu3``, the Lumina references): ``config.vocab_size``
+    and a cache-free masked forward returning float32 logits ``[n, vocab]``."""
+
+    config: Any
+
+    def forward_tokens(self, ids, pos, attend: torch.Tensor) -> torch.Tensor: ...
+
 
 REAL = "real"  # predicts a cell (or is a prompt token)
 KV_ONLY = "kv_only"  # a completed row's last token, fed only to write its keys/values
@@ -39,10 +53,20 @@ class EolInput:
     target: tuple[int, int] | None  # the cell its logits predict
 
 
+def visual_ids(visual: tuple[int, int] | Sequence[int]) -> range | tuple[int, ...]:
+    """The vocabulary ids of the codes in code order: a 2-tuple is Emu3's ``(start, stop)``, any other
+    sequence (a ``range`` or ``list``) already lists the ids, code ``c`` at index ``c``."""
+    if isinstance(visual, tuple) and len(visual) == 2:
+        return range(int(visual[0]), int(visual[1]))
+    if isinstance(visual, range):
+        return visual
+    return tuple(int(i) for i in visual)
+
+
 @dataclass(frozen=True)
 class _Sampling:
     eol_id: int
-    visual: tuple[int, int]
+    visual: range | tuple[int, ...]  # vocabulary id of code c at index c
     cfg_scale: float
     temperature: float
     top_k: int
@@ -56,10 +80,12 @@ def _check(model, prompt_ids, H, W, eol_id, visual, negative_prompt_ids, cfg_sca
         raise ValueError(f"grid {H}x{W} must have positive sides")
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: the last prompt token predicts cell (0, 0)")
-    start, stop = visual
-    if not 0 <= start < stop <= vocab:
+    ids = visual_ids(visual)
+    if isinstance(visual, tuple) and len(visual) == 2 and not 0 <= visual[0] < visual[1] <= vocab:
         raise ValueError(f"visual range {visual} must satisfy 0 <= start < stop <= vocab_size={vocab}")
-    if not 0 <= eol_id < vocab or start <= eol_id < stop:
+    if not ids or min(ids) < 0 or max(ids) >= vocab or len(set(ids)) != len(ids):
+        raise ValueError(f"visual ids must be distinct vocabulary ids in [0, vocab_size={vocab})")
+    if not 0 <= eol_id < vocab or eol_id in ids:
         raise ValueError(f"eol_id={eol_id} must be a vocabulary id outside the visual range {visual}")
     if cfg_scale != 1.0 and not negative_prompt_ids:
         raise ValueError(f"cfg_scale={cfg_scale} needs negative_prompt_ids (the unconditional prompt)")
@@ -97,21 +123,32 @@ def _pass_logits(model, stream: _Stream, inputs: list[EolInput], step: int, shif
 
 def _sample(cond: torch.Tensor, uncond: torch.Tensor | None, s: _Sampling, cell_pos: int) -> int:
     logits = cond if uncond is None else cfg_logits(cond, uncond, s.cfg_scale)
-    start, stop = s.visual
     code = sample_cell(
-        logits[start:stop], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, pos=cell_pos
+        _cut(logits, s.visual),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=s.seed,
+        pos=cell_pos,
     )
-    return start + code
+    return s.visual[code]
+
+
+def _cut(logits: torch.Tensor, ids: range | tuple[int, ...]) -> torch.Tensor:
+    """The visual logits in code order (entry c scores code c)."""
+    if isinstance(ids, range):
+        return logits[ids.start : ids.stop]
+    return logits[torch.tensor(ids, dtype=torch.long)]
 
 
 def ntp_decode_eol(
-    model: ReferenceEmu3,
+    model: EolModel,
     prompt_ids: list[int],
     H: int,
     W: int,
     *,
     eol_id: int,
-    visual: tuple[int, int],
+    visual: tuple[int, int] | Sequence[int],
     negative_prompt_ids: list[int] | None = None,
     cfg_scale: float = 1.0,
     temperature: float = 0.0,
@@ -123,7 +160,7 @@ def ntp_decode_eol(
     complete row followed by its EOL, fused into the pass of the row's last token) and its last logits
     predict cell t. Returns (grid ``LongTensor[H, W]`` of vocabulary ids, passes = ``H * W``)."""
     _check(model, prompt_ids, H, W, eol_id, visual, negative_prompt_ids, cfg_scale, temperature, seed)
-    s = _Sampling(eol_id, tuple(visual), cfg_scale, temperature, top_k, top_p, seed)
+    s = _Sampling(eol_id, visual_ids(visual), cfg_scale, temperature, top_k, top_p, seed)
     guided = cfg_scale != 1.0
     P = len(prompt_ids)
     image: list[int] = []  # visual tokens and EOLs fed so far
@@ -169,14 +206,14 @@ def plan_eol_pass(
 
 
 def zipar_decode_eol(
-    model: ReferenceEmu3,
+    model: EolModel,
     prompt_ids: list[int],
     H: int,
     W: int,
     window: int,
     *,
     eol_id: int,
-    visual: tuple[int, int],
+    visual: tuple[int, int] | Sequence[int],
     negative_prompt_ids: list[int] | None = None,
     cfg_scale: float = 1.0,
     temperature: float = 0.0,
@@ -199,7 +236,7 @@ def zipar_decode_eol(
     _check(model, prompt_ids, H, W, eol_id, visual, negative_prompt_ids, cfg_scale, temperature, seed)
     if window < 1:
         raise ValueError(f"window={window} must be >= 1")
-    s = _Sampling(eol_id, tuple(visual), cfg_scale, temperature, top_k, top_p, seed)
+    s = _Sampling(eol_id, visual_ids(visual), cfg_scale, temperature, top_k, top_p, seed)
     P = len(prompt_ids)
     cond_stream = _Stream(prompt_ids)
     uncond_stream = _Stream(negative_prompt_ids) if cfg_scale != 1.0 else None
@@ -256,13 +293,13 @@ def zipar_decode_eol(
 
 
 def teacher_forced_gaps(
-    model: ReferenceEmu3,
+    model: EolModel,
     prompt_ids: list[int],
     grid: torch.Tensor,
     window: int,
     *,
     eol_id: int,
-    visual: tuple[int, int],
+    visual: tuple[int, int] | Sequence[int],
     negative_prompt_ids: list[int] | None = None,
     cfg_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -271,8 +308,9 @@ def teacher_forced_gaps(
     the logit of the token in ``grid`` (``float32[H, W]``, 0 where the oracle agrees). A near-tie flip gives
     ~1e-4; a wrong mask or position gives order-1 gaps."""
     H, W = grid.shape
-    start, stop = visual
-    if not bool(((grid >= start) & (grid < stop)).all()):
+    ids = visual_ids(visual)
+    code_of = {token: code for code, token in enumerate(ids)}
+    if not all(int(t) in code_of for t in grid.flatten().tolist()):
         raise ValueError(f"grid holds ids outside the visual range {visual}")
     trace: list = []
     zipar_decode_eol(
@@ -291,8 +329,8 @@ def teacher_forced_gaps(
     gaps = torch.full((H, W), float("nan"))
     for entry in trace:
         for (r, c), logits in entry["cells"].items():
-            cut = logits[start:stop]
-            gaps[r, c] = cut.max() - cut[int(grid[r, c]) - start]
+            cut = _cut(logits, ids)
+            gaps[r, c] = cut.max() - cut[code_of[int(grid[r, c])]]
     return gaps
 
 
