@@ -117,6 +117,19 @@ def test_model_limits_bound_window_interval_top_k_and_prompt():
     assert parse_request(b'{"prompt": "1", "zipar_window": 64}', SIZE, limits).zipar_window == 64
 
 
+def test_a_negative_prompt_for_a_model_without_one_names_what_its_guidance_runs_against():
+    from vllm_zipar.serving.images_protocol import RequestLimits
+
+    limits = RequestLimits(prompt_kind="text", unconditional_context="the null class")
+    with pytest.raises(ImageAPIError) as info:
+        parse_request(b'{"prompt": "a cat", "negative_prompt": "blurry"}', SIZE, limits)
+    assert (info.value.param, info.value.code) == ("negative_prompt", "unsupported_parameter")
+    assert str(info.value).endswith("its guidance runs against the null class.")
+    with_negative = RequestLimits(prompt_kind="text", negative_prompt=True)
+    body = b'{"prompt": "a cat", "negative_prompt": "blurry"}'
+    assert parse_request(body, SIZE, with_negative).negative_prompt == "blurry"
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

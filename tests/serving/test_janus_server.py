@@ -104,7 +104,7 @@ ERRORS = [
     ({"prompt": "a cat", "guidance_scale": 0.5}, "guidance_scale", "invalid_value", "guidance_scale"),
     ({"prompt": "a cat", "guidance_scale": "high"}, "guidance_scale", "invalid_type", "guidance_scale"),
     ({"prompt": "   "}, "prompt", "invalid_value", "empty"),
-    ({"prompt": "a cat", "negative_prompt": "blurry"}, "negative_prompt", None, "negative_prompt"),
+    ({"prompt": "a cat", "negative_prompt": "blurry"}, "negative_prompt", "unsupported_parameter", "padding"),
 ]
 
 

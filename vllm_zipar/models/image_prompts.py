@@ -119,6 +119,11 @@ class ImagePrompts(Protocol):
         return False
 
     @property
+    def unconditional_context(self) -> str:
+        """What classifier-free guidance runs against, in words (error messages and docs)."""
+        return "a negative prompt" if self.takes_negative_prompt else "its own unconditional prompt"
+
+    @property
     def max_prompt_chars(self) -> int:
         return 2000
 

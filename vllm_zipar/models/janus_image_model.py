@@ -130,6 +130,10 @@ class JanusImageModel(HFImageModel):
     def takes_negative_prompt(self) -> bool:
         return False
 
+    @property
+    def unconditional_context(self) -> str:
+        return "the prompt with its text replaced by padding"
+
     def unconditional_prompt_ids(
         self, negative_prompt: str | None, size: ImageSize, prompt_ids: Sequence[int] | None = None
     ) -> list[int]:

@@ -55,6 +55,10 @@ class LlamaGenImageModel(ImageModel):
         return [ImageSize(side, side, self.default_grid)]
 
     @property
+    def unconditional_context(self) -> str:
+        return "the null class"
+
+    @property
     def sampling_defaults(self) -> SamplingDefaults:
         return SamplingDefaults.from_dict(self.hf_config.sampling_defaults)
 

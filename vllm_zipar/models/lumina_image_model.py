@@ -179,6 +179,10 @@ class LuminaImageModel(HFImageModel):
     def takes_negative_prompt(self) -> bool:
         return False
 
+    @property
+    def unconditional_context(self) -> str:
+        return "a context that starts at the image start token, with no text"
+
     def unconditional_prompt_ids(
         self, negative_prompt: str | None, size: ImageSize, prompt_ids: Sequence[int] | None = None
     ) -> list[int]:

@@ -97,6 +97,7 @@ class ImageService:
             max_prompt_chars=model.max_prompt_chars,
             prompt_kind=model.prompt_kind,
             negative_prompt=model.takes_negative_prompt,
+            unconditional_context=model.unconditional_context,
         )
         self.max_body_bytes, self.body_timeout = body_limits()
         self.pixels = PixelRenderer(model)

@@ -44,6 +44,7 @@ class RequestLimits:
     max_prompt_chars: int = 256  # class-to-image: the longest class name, with room for spacing and case
     prompt_kind: str = "class"  # "class" or "text" (ImageModel.prompt_kind)
     negative_prompt: bool = False  # whether the model takes a negative prompt
+    unconditional_context: str = "its own unconditional prompt"  # ImagePrompts.unconditional_context
 
 
 class ImageAPIError(Exception):
@@ -216,8 +217,8 @@ def parse_request(
     if negative_prompt is not None:
         if not limits.negative_prompt:
             raise ImageAPIError(
-                "'negative_prompt' is not supported by this model: its guidance runs against its own "
-                "unconditional prompt (class-to-image: the null class).",
+                "'negative_prompt' is not supported by this model: its guidance runs against "
+                f"{limits.unconditional_context}.",
                 param="negative_prompt",
                 code="unsupported_parameter",
             )
