@@ -87,6 +87,34 @@ def random_janus(name: str, shape: dict[str, Any]) -> Path:
     return model_dir
 
 
+# A reduced Lumina-mGPT-7B-768 (the real one: hidden 4096, 32 layers, 32 heads of 128, vocabulary 65,536,
+# codebook 8192) that fits this CPU, in its Hugging Face layout, with the real vocabulary and codebook and the
+# real 768 px -> 48x48 grid (Meta's VQGAN here is a tiny random one; the benchmark generates tokens only).
+LUMINA_REDUCED = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=704,
+    vocab_size=65536,
+    codebook_size=8192,
+    image_size=768,
+)
+# --quick: the same layers, a small vocabulary and codebook, 128 px -> 8x8.
+LUMINA_SMALL = {**LUMINA_REDUCED, "vocab_size": 4096, "codebook_size": 1024, "image_size": 128}
+
+
+def random_lumina(name: str, shape: dict[str, Any]) -> Path:
+    """A random Lumina-mGPT directory in its Hugging Face layout (weights, tokenizer, VQGAN), written once."""
+    from vllm_zipar.testing.lumina_dirs import write_tiny_lumina_dir
+
+    model_dir = CACHE / name
+    if not (model_dir / "config.json").is_file():
+        print(f"[bench] writing random {name} weights to {model_dir} (once)")
+        write_tiny_lumina_dir(model_dir, seed=0, **shape)
+    return model_dir
+
+
 def machine() -> dict[str, Any]:
     import torch
 

@@ -6,6 +6,8 @@
                                                  # (zipar_vs_ntp_emu3.py; add --quick for a 16x16 smoke run)
     python benchmarks/zipar_vs_ntp.py --janus    # the Janus-Pro section: text prompt, 24x24 grid, CFG 5
                                                  # (zipar_vs_ntp_janus.py; add --quick for an 8x8 smoke run)
+    python benchmarks/zipar_vs_ntp.py --lumina   # the Lumina-mGPT section: text prompt, 48x48 + EOL, CFG 4
+                                                 # (zipar_vs_ntp_lumina.py; add --quick for an 8x8 smoke run)
 
 Without guidance (cfg 1) every window runs; with classifier-free guidance (`--cfg-scale`, default 2.0) NTP
 and `--cfg-windows` (default 8 and 4) run, each guided image being one request holding both sequences. A
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from zipar_vs_ntp_janus import main as janus_main
 
         return janus_main([arg for arg in argv if arg != "--janus"])
+    if "--lumina" in argv:
+        from zipar_vs_ntp_lumina import main as lumina_main
+
+        return lumina_main([arg for arg in argv if arg != "--lumina"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -57,6 +57,20 @@ def test_zipar_vs_ntp_janus_quick_guided_at_1_and_2_in_flight_with_exact_pass_co
     assert (tmp_path / "zipar_vs_ntp_janus_quick.png").stat().st_size > 10_000
 
 
+def test_zipar_vs_ntp_lumina_quick_guided_with_exact_pass_counts_against_both_baselines(tmp_path):
+    out = run(tmp_path, "zipar_vs_ntp.py", "--lumina", "--quick")
+    assert "vs generate()" in out
+    result = json.loads((tmp_path / "zipar_vs_ntp_lumina_quick.json").read_text())
+    assert result["in_flight"] == 2
+    # 8x8 grid with an EOL column: NTP H·W, ZipAR (H-1)·w + W; Lumina's generate H·(W+1) + 5 (ZIPAR.md §4).
+    passes = {row["mode"]: row["passes_per_image"] for row in result["rows"]}
+    assert passes == {"NTP": 64, "ZipAR-4": 36}
+    for row in result["rows"]:
+        assert row["grid"] == [8, 8] and row["cfg_scale"] == 4.0 and row["generate_loop_passes"] == 77
+        assert row["seconds_per_image_1_in_flight"] > 0 and row["seconds_per_image_2_in_flight"] > 0
+    assert (tmp_path / "zipar_vs_ntp_lumina_quick.png").stat().st_size > 10_000
+
+
 def test_attention_cost_quick_measures_both_step_kinds(tmp_path):
     out = run(tmp_path, "attention_cost.py", "--quick")
     result = json.loads((tmp_path / "attention_cost_quick.json").read_text())
