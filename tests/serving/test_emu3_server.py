@@ -4,20 +4,15 @@ are 400s naming the field, and the server keeps serving. The model is a tiny ran
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
-import httpx
 import pytest
 import torch
-from PIL import Image
 
 from tests.reference.emu3_decoders import zipar_decode_eol
 from tests.reference.emu3_text import ReferenceEmu3
-from tests.serving.conftest import SERVER_ARGS
+from tests.serving.served import assert_a_400_naming_the_field, openai_client, png, post, served_model
 from vllm_zipar.models.registry import load_image_model
-from vllm_zipar.serving.served_model import ServedModel
 from vllm_zipar.testing.emu3_dirs import write_random_emu3_dir
 
 pytestmark = pytest.mark.serving
@@ -32,29 +27,13 @@ def served(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("emu3-served")
     write_random_emu3_dir(model_dir, seed=4)
     (model_dir / "zipar.json").write_text(json.dumps(OPTIONS))
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    server = ServedModel(
-        model_dir, zipar_window=2, served_model_name=MODEL, extra_args=SERVER_ARGS, log_path=log
-    )
-    with server:
+    with served_model(model_dir, tmp_path_factory, window=2, name=MODEL) as server:
         yield server, model_dir
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def post(server, body) -> httpx.Response:
-    return httpx.post(server.url + "/v1/images/generations", json=body, timeout=120.0)
+    return openai_client(served[0])
 
 
 @pytest.mark.parametrize("size, grid", [("64x64", (8, 8)), ("72x56", (7, 9)), ("48x88", (11, 6))])
@@ -169,12 +148,5 @@ ERRORS = [
 
 @pytest.mark.parametrize("body, param, code, words", ERRORS)
 def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(served, body, param, code, words):
-    server, _ = served
-    response = post(server, body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
-    assert words in error["message"]
-    ok = post(server, {"prompt": "a cat", "size": "64x64", "seed": 2})
-    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
-    assert server.idle_kv_usage() == 0.0
+    ok = {"prompt": "a cat", "size": "64x64", "seed": 2}
+    assert_a_400_naming_the_field(served[0], body, param, code, words, ok)

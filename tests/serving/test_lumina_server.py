@@ -6,22 +6,18 @@ that starts at BOI, with no text) are 400s naming the field, and the server keep
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.reference.chameleon_vqgan import read_vqgan_files, reference_decode, reference_pil_arrays
 from tests.reference.lumina_decoders import lumina_zipar_decode
 from tests.reference.lumina_model import LuminaImageIds, ReferenceLumina
-from tests.serving.conftest import SERVER_ARGS
+from tests.serving.served import assert_a_400_naming_the_field, openai_client, png, served_model
 from vllm_zipar.models.registry import load_image_model
-from vllm_zipar.serving.served_model import ServedModel
 from vllm_zipar.testing.lumina_dirs import write_tiny_lumina_dir
 
 pytestmark = pytest.mark.serving
@@ -34,29 +30,13 @@ WIDE = "160x96"  # one of Lumina's crop sizes at that area: 6 rows of 10 codes
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = write_tiny_lumina_dir(tmp_path_factory.mktemp("lumina-served") / "tiny-lumina", seed=4)
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    server = ServedModel(
-        model_dir, zipar_window=2, served_model_name=MODEL, extra_args=SERVER_ARGS, log_path=log
-    )
-    with server:
+    with served_model(model_dir, tmp_path_factory, window=2, name=MODEL) as server:
         yield server, model_dir
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def post(server, body) -> httpx.Response:
-    return httpx.post(server.url + "/v1/images/generations", json=body, timeout=120.0)
+    return openai_client(served[0])
 
 
 @pytest.mark.parametrize("size", [SIZE, WIDE])
@@ -136,17 +116,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("body, param, code, words", ERRORS)
 def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(served, body, param, code, words):
-    server, _ = served
-    response = post(server, body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert (error["param"], error["type"]) == (param, "invalid_request_error")
-    if code is not None:
-        assert error["code"] == code
-    assert words in error["message"]
-    ok = post(server, {"prompt": "a cat", "seed": 2})
-    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
-    assert server.idle_kv_usage() == 0.0
+    assert_a_400_naming_the_field(served[0], body, param, code, words, {"prompt": "a cat", "seed": 2})
 
 
 def test_the_playground_describes_the_model(served):

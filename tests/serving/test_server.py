@@ -8,8 +8,6 @@ abandoned requests the server is healthy with vLLM's KV usage back at zero.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import socket
@@ -19,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from PIL import Image
 
 from tests.reference.decoders import ntp_decode, zipar_decode
-from tests.serving.conftest import GRID, SERVER_ARGS, write_image_model
-from vllm_zipar.serving.served_model import ServedModel
+from tests.serving.conftest import GRID, write_image_model
+from tests.serving.served import openai_client, png, post, served_model
 from vllm_zipar.zipar.seeding import image_seed
 
 pytestmark = pytest.mark.serving
@@ -37,35 +34,13 @@ SAMPLING = {"temperature": 1.0, "top_k": 100, "top_p": 0.95}
 def served(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("served")
     _, oracle = write_image_model(model_dir, seed=7)
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    server = ServedModel(
-        model_dir, zipar_window=4, served_model_name=MODEL, extra_args=SERVER_ARGS, log_path=log
-    )
-    with server:
+    with served_model(model_dir, tmp_path_factory, window=4, name=MODEL) as server:
         yield server, oracle
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def post(server, body, timeout=120.0) -> httpx.Response:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(
-        server.url + "/v1/images/generations",
-        content=raw,
-        headers={"content-type": "application/json"},
-        timeout=timeout,
-    )
+    return openai_client(served[0])
 
 
 def test_openai_client_returns_n_pngs_of_the_native_size(client):

@@ -17,16 +17,8 @@ from typing import Any
 
 import torch
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
-    VocabParallelEmbedding,
-)
-from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_zipar.models.llama_decoder import DecoderSpec, LlamaStyleDecoder, load_hf_layout
+from vllm_zipar.models.llama_decoder import DecoderSpec, TokenLMDecoder, load_hf_layout
 
 ARCHITECTURE = "Emu3ForImageGeneration"
 
@@ -59,7 +51,7 @@ def emu3_engine_overrides(hf_config: Any, max_model_len: int) -> dict[str, Any]:
     return {"hf_overrides": overrides, "max_model_len": max_model_len}
 
 
-class Emu3ForImageGeneration(LlamaStyleDecoder):
+class Emu3ForImageGeneration(TokenLMDecoder):
     """vLLM model class for Emu3's text decoder (Emu3-Gen checkpoints in the Hugging Face layout).
 
     Pipeline parallel: each rank builds only its slice of the layers (vLLM's `make_layers`); the embedding
@@ -72,39 +64,13 @@ class Emu3ForImageGeneration(LlamaStyleDecoder):
         text = emu3_text_config(config)
         self.config = config
         self.text_config = text
-        self.vocab_size = text.vocab_size
-        self.tie_word_embeddings = bool(
+        tie = bool(
             getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         )
         spec = DecoderSpec.from_llama_config(text)
         if spec.hidden_act != "silu":
             raise ValueError(f"Emu3 text model: hidden_act {spec.hidden_act!r} is not supported (only silu)")
-        pp = get_pp_group()
-        if pp.is_first_rank or (self.tie_word_embeddings and pp.is_last_rank):
-            self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
-        else:
-            self.embed_tokens = PPMissingLayer()
-        # Positions can reach max_model_len when an engine raises it past the config (emu3_engine_overrides).
-        rotary = get_rope(
-            spec.head_dim,
-            max_position=max(text.max_position_embeddings, vllm_config.model_config.max_model_len),
-            is_neox_style=True,  # transformers' rotate_half: channel i turns with channel i + head_dim/2
-            rope_parameters=text.rope_parameters,
-        )
-        self.build_decoder(spec, rotary, vllm_config, prefix)
-        if pp.is_last_rank:
-            self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, prefix=f"{prefix}lm_head")
-            if self.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
-        else:
-            self.lm_head = PPMissingLayer()
-        self.logits_processor = LogitsProcessor(text.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        self.build_token_lm(spec, text, vllm_config, prefix, tie_word_embeddings=tie)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_hf_layout(

@@ -28,6 +28,9 @@ from vllm.distributed import (
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.llama import LlamaMLP
@@ -269,6 +272,52 @@ class LlamaStyleDecoder(nn.Module, SupportsPP):
         if not pp.is_last_rank:
             return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
+
+
+class TokenLMDecoder(LlamaStyleDecoder):
+    """A decoder whose vocabulary embedding feeds every token and whose vocabulary head scores them (Emu3,
+    Lumina-mGPT): the embedding on the first pipeline rank (and the last, when tied), a 1D rotary embedding
+    whose `rotate_half` pairs channel i with i + head_dim/2 (neox style), the head on the last rank."""
+
+    def build_token_lm(
+        self,
+        spec: DecoderSpec,
+        lm_config: Any,
+        vllm_config: VllmConfig,
+        prefix: str,
+        *,
+        tie_word_embeddings: bool,
+    ) -> None:
+        """`lm_config` gives vocab_size, hidden_size, max_position_embeddings and rope_parameters."""
+        vocab, hidden = lm_config.vocab_size, lm_config.hidden_size
+        self.vocab_size = vocab
+        self.tie_word_embeddings = tie_word_embeddings
+        pp = get_pp_group()
+        if pp.is_first_rank or (tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden)
+        else:
+            self.embed_tokens = PPMissingLayer()
+        # Positions reach max_model_len when an engine raises it past the config (the families' overrides).
+        rotary = get_rope(
+            spec.head_dim,
+            max_position=max(lm_config.max_position_embeddings, vllm_config.model_config.max_model_len),
+            is_neox_style=True,
+            rope_parameters=lm_config.rope_parameters,
+        )
+        self.build_decoder(spec, rotary, vllm_config, prefix)
+        if pp.is_last_rank:
+            self.lm_head = ParallelLMHead(vocab, hidden, prefix=f"{prefix}lm_head")
+            if tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(vocab)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
 
 
 class ParamLoader:

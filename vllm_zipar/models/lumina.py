@@ -20,13 +20,8 @@ from typing import Any
 
 import torch
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_zipar.models.llama_decoder import DecoderSpec, LlamaStyleDecoder, load_hf_layout
+from vllm_zipar.models.llama_decoder import DecoderSpec, TokenLMDecoder, load_hf_layout
 
 ARCHITECTURE = "LuminaForImageGeneration"
 QK_NORM_EPS = (
@@ -81,7 +76,7 @@ def lumina_decoder_spec(config: Any) -> DecoderSpec:
     )
 
 
-class LuminaForImageGeneration(LlamaStyleDecoder):
+class LuminaForImageGeneration(TokenLMDecoder):
     """vLLM model class for Lumina-mGPT (Chameleon) directories in the Hugging Face layout.
 
     Pipeline parallel: each rank builds only its slice of the layers; the embedding lives on the first rank,
@@ -92,35 +87,9 @@ class LuminaForImageGeneration(LlamaStyleDecoder):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.vocab_size = config.vocab_size
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        tie = bool(getattr(config, "tie_word_embeddings", False))
         spec = lumina_decoder_spec(config)
-        pp = get_pp_group()
-        if pp.is_first_rank or (self.tie_word_embeddings and pp.is_last_rank):
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = PPMissingLayer()
-        # Positions reach max_model_len when an engine raises it past the config (lumina_engine_overrides).
-        rotary = get_rope(
-            spec.head_dim,
-            max_position=max(config.max_position_embeddings, vllm_config.model_config.max_model_len),
-            is_neox_style=True,  # Chameleon's rotate_half: channel i turns with channel i + head_dim/2
-            rope_parameters=config.rope_parameters,
-        )
-        self.build_decoder(spec, rotary, vllm_config, prefix)
-        if pp.is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}lm_head")
-            if self.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
-        else:
-            self.lm_head = PPMissingLayer()
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        self.build_token_lm(spec, config, vllm_config, prefix, tie_word_embeddings=tie)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_hf_layout(
