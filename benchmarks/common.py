@@ -115,6 +115,57 @@ def random_lumina(name: str, shape: dict[str, Any]) -> Path:
     return model_dir
 
 
+def timed_images(generator, prompt, count: int, window: int | None, label: str, *, eol: bool, **kwargs):
+    """`count` images of `prompt` (seeds 0..count-1) submitted together: (wall seconds, images). Every
+    image's pass count must equal the closed form (ZIPAR.md §4; `eol`: the layout has an EOL column)."""
+    import time
+
+    from vllm_zipar.zipar.plan import zipar_steps
+
+    decoding = {"decoding": "ntp"} if window is None else {"zipar_window": window}
+    start = time.perf_counter()
+    images = generator.generate([prompt] * count, seeds=list(range(count)), **decoding, **kwargs)
+    seconds = time.perf_counter() - start
+    for image in images:
+        rows, cols = image.tokens.shape
+        expected = zipar_steps(rows, cols, window, eol=eol)
+        if image.passes != expected:
+            raise SystemExit(
+                f"{label}: the engine took {image.passes} passes, the closed form says {expected}"
+            )
+    return seconds, images
+
+
+def measure_in_flight(
+    generator, prompt, label: str, window: int | None, in_flight: int, repeats: int, *, eol: bool, **kwargs
+) -> dict[str, Any]:
+    """One benchmark row: seconds per image with 1 and with `in_flight` images decoded together, each point
+    the fastest of `repeats` runs (the machine may be shared), and the image's passes."""
+    runs = [timed_images(generator, prompt, 1, window, label, eol=eol, **kwargs) for _ in range(repeats)]
+    one_s, (image,) = min(runs, key=lambda run: run[0])
+    many_s = min(
+        timed_images(generator, prompt, in_flight, window, label, eol=eol, **kwargs)[0]
+        for _ in range(repeats)
+    )
+    row = {
+        "mode": label,
+        "window": window,
+        "cfg_scale": image.cfg_scale,
+        "grid": list(image.tokens.shape),
+        "passes_per_image": image.passes,
+        "seconds_per_image_1_in_flight": one_s,
+        f"seconds_per_image_{in_flight}_in_flight": many_s / in_flight,
+        "repeats": repeats,
+        "mean_cells_per_pass": sum(image.cells_per_pass) / len(image.cells_per_pass),
+    }
+    print(
+        f"[bench] {label:9s} passes {image.passes:5d}  {one_s:7.2f} s/image at 1 in flight  "
+        f"{many_s / in_flight:7.3f} s/image at {in_flight} in flight",
+        flush=True,
+    )
+    return row
+
+
 def machine() -> dict[str, Any]:
     import torch
 

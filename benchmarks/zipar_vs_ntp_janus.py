@@ -17,63 +17,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import JANUS_REDUCED, JANUS_SMALL, bar_plot, machine, random_janus, write_json  # noqa: E402
+from common import (  # noqa: E402
+    JANUS_REDUCED,
+    JANUS_SMALL,
+    bar_plot,
+    machine,
+    measure_in_flight,
+    random_janus,
+    timed_images,
+    write_json,
+)
 
 PROMPT = "a red apple on a wooden table"
 CFG_SCALE = 5.0  # Janus-Pro's generation_config guidance_scale
-
-
-def closed_form_passes(rows: int, cols: int, window: int | None) -> int:
-    """ZIPAR.md §4 without an EOL column: NTP (or a window >= W) H·W; ZipAR-w 2W + (H-2)·w."""
-    if window is None or window >= cols:
-        return rows * cols
-    return 2 * cols + (rows - 2) * window
-
-
-def timed_images(generator, count: int, window: int | None, label: str) -> tuple[float, list]:
-    """`count` guided images submitted together; wall seconds and the images, pass counts checked."""
-    kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-    seeds = list(range(count))
-    start = time.perf_counter()
-    images = generator.generate([PROMPT] * count, seeds=seeds, cfg_scale=CFG_SCALE, **kwargs)
-    seconds = time.perf_counter() - start
-    for image in images:
-        rows, cols = image.tokens.shape
-        expected = closed_form_passes(rows, cols, window)
-        if image.passes != expected:
-            raise SystemExit(
-                f"{label}: the engine took {image.passes} passes, the closed form says {expected}"
-            )
-    return seconds, images
-
-
-def measure(generator, label: str, window: int | None, in_flight: int, repeats: int) -> dict:
-    """One row; each point is run `repeats` times and the fastest counts (the machine may be shared)."""
-    runs = [timed_images(generator, 1, window, label) for _ in range(repeats)]
-    one_s, (image,) = min(runs, key=lambda run: run[0])
-    many_s = min(timed_images(generator, in_flight, window, label)[0] for _ in range(repeats))
-    row = {
-        "mode": label,
-        "window": window,
-        "cfg_scale": CFG_SCALE,
-        "grid": list(image.tokens.shape),
-        "passes_per_image": image.passes,
-        "seconds_per_image_1_in_flight": one_s,
-        f"seconds_per_image_{in_flight}_in_flight": many_s / in_flight,
-        "repeats": repeats,
-        "mean_cells_per_pass": sum(image.cells_per_pass) / len(image.cells_per_pass),
-    }
-    print(
-        f"[bench] {label:9s} passes {image.passes:4d}  {one_s:7.2f} s/image at 1 in flight  "
-        f"{many_s / in_flight:7.3f} s/image at {in_flight} in flight",
-        flush=True,
-    )
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = random_janus(name, shape)
     # A guided image holds two sequences, so the engine may need 2 per image in flight.
     with ImageGenerator(model_dir, max_num_seqs=2 * in_flight, kv_cache_memory_bytes=1 << 30) as generator:
-        timed_images(generator, 1, windows[-1], "warm-up")  # first-step allocations and kernel selection
-        rows = [measure(generator, "NTP", None, in_flight, repeats)]
-        rows += [measure(generator, f"ZipAR-{w}", w, in_flight, repeats) for w in windows]
+        # The first images pay for allocations and kernel selection.
+        timed_images(generator, PROMPT, 1, windows[-1], "warm-up", eol=False, cfg_scale=CFG_SCALE)
+        rows = [
+            measure_in_flight(
+                generator, PROMPT, label, window, in_flight, repeats, eol=False, cfg_scale=CFG_SCALE
+            )
+            for label, window in [("NTP", None)] + [(f"ZipAR-{w}", w) for w in windows]
+        ]
 
     many_key = f"seconds_per_image_{in_flight}_in_flight"
     ntp = rows[0]

@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LUMINA_REDUCED, LUMINA_SMALL, bar_plot, machine, random_lumina, write_json  # noqa: E402
+from common import (  # noqa: E402
+    LUMINA_REDUCED,
+    LUMINA_SMALL,
+    bar_plot,
+    machine,
+    measure_in_flight,
+    random_lumina,
+    timed_images,
+    write_json,
+)
 
 PROMPT = "a red apple on a wooden table"
 
@@ -33,50 +41,6 @@ PROMPT = "a red apple on a wooden table"
 def generate_loop_passes(rows: int, cols: int) -> int:
     """Lumina's own `generate`: one pass per generated token (BOI, h, w, rows with EOLs, EOI, turn end)."""
     return 3 + rows * (cols + 1) + 2
-
-
-def timed_images(generator, count: int, window: int | None, label: str) -> tuple[float, list]:
-    """`count` guided images at the family defaults, submitted together; wall seconds and the images."""
-    from vllm_zipar.zipar.plan import zipar_steps
-
-    kwargs = {"decoding": "ntp"} if window is None else {"zipar_window": window}
-    start = time.perf_counter()
-    images = generator.generate([PROMPT] * count, seeds=list(range(count)), **kwargs)
-    seconds = time.perf_counter() - start
-    for image in images:
-        rows, cols = image.tokens.shape
-        expected = zipar_steps(rows, cols, window, eol=True)
-        if image.passes != expected:
-            raise SystemExit(
-                f"{label}: the engine took {image.passes} passes, the closed form says {expected}"
-            )
-    return seconds, images
-
-
-def measure(generator, label: str, window: int | None, in_flight: int, repeats: int) -> dict:
-    """One row; each point runs `repeats` times and the fastest counts (the machine may be shared)."""
-    runs = [timed_images(generator, 1, window, label) for _ in range(repeats)]
-    one_s, (image,) = min(runs, key=lambda run: run[0])
-    many_s = min(timed_images(generator, in_flight, window, label)[0] for _ in range(repeats))
-    rows, cols = image.tokens.shape
-    row = {
-        "mode": label,
-        "window": window,
-        "cfg_scale": image.cfg_scale,
-        "grid": [rows, cols],
-        "passes_per_image": image.passes,
-        "generate_loop_passes": generate_loop_passes(rows, cols),
-        "seconds_per_image_1_in_flight": one_s,
-        f"seconds_per_image_{in_flight}_in_flight": many_s / in_flight,
-        "repeats": repeats,
-        "mean_cells_per_pass": sum(image.cells_per_pass) / len(image.cells_per_pass),
-    }
-    print(
-        f"[bench] {label:9s} passes {image.passes:5d}  {one_s:7.2f} s/image at 1 in flight  "
-        f"{many_s / in_flight:7.2f} s/image at {in_flight} in flight",
-        flush=True,
-    )
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = random_lumina(name, shape)
     # A guided image holds two sequences, so the engine may need 2 per image in flight.
     with ImageGenerator(model_dir, max_num_seqs=2 * in_flight, kv_cache_memory_bytes=1 << 30) as generator:
-        timed_images(generator, 1, windows[-1], "warm-up")  # first-step allocations and kernel selection
-        rows = [measure(generator, "NTP", None, in_flight, args.repeats)]
-        rows += [measure(generator, f"ZipAR-{w}", w, in_flight, args.repeats) for w in windows]
+        # The first image pays for allocations and kernel selection.
+        timed_images(generator, PROMPT, 1, windows[-1], "warm-up", eol=True)
+        rows = [
+            measure_in_flight(generator, PROMPT, label, window, in_flight, args.repeats, eol=True)
+            for label, window in [("NTP", None)] + [(f"ZipAR-{w}", w) for w in windows]
+        ]
 
     many_key = f"seconds_per_image_{in_flight}_in_flight"
     ntp = rows[0]
     for row in rows:
+        row["generate_loop_passes"] = generate_loop_passes(*row["grid"])
         row["passes_ratio_ntp_over_this"] = ntp["passes_per_image"] / row["passes_per_image"]
         row["passes_ratio_generate_over_this"] = row["generate_loop_passes"] / row["passes_per_image"]
         row["latency_ratio_ntp_over_this_1_in_flight"] = (
