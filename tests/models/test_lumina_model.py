@@ -1,15 +1,16 @@
 """Lumina-mGPT through vLLM's real engine equals a reference built from transformers' Chameleon modules.
 
-The tiny directories are written in Lumina's on-disk format (`vllm_zipar/testing/lumina_dirs.py`: Lumina's key
-layout, q/k norms stored `[model_parallel_size, head_dim]`, image tokens at shuffled non-contiguous ids).
-The reference (`ChameleonReference`, local to this file) loads them into transformers'
-`ChameleonForConditionalGeneration` with the q/k norms expanded to its `[heads, head_dim]` by
-`repeat_interleave` as Lumina's `ChameleonLayerNorm.repeat_param` does, calls its decoder and `lm_head`
-directly (transformers' forward masks image-token logits; Lumina's does not for generation) and runs Lumina's
-generation constraints (inference_solver.py): the prompt ends with the forced BOI and resolution tokens, only
-image tokens in cells, EOL forced after each row, and guidance against a context that starts at BOI.
-NTP greedy tokens of the engine equal the reference's, unguided and guided, for a plain directory and one
-with `model_parallel_size` 2, grouped-query attention and `swin_norm`; TP=2 equals TP=1.
+The tiny directories are written in Lumina's on-disk format (`vllm_zipar/testing/lumina_dirs.py`: Lumina's
+key layout, q/k norms stored `[model_parallel_size, head_dim]`, image tokens at shuffled non-contiguous ids).
+The reference (`tests/reference/lumina_hf.py`, checked there against an independent re-implementation)
+loads them into transformers' `ChameleonForConditionalGeneration` with the q/k norms expanded to its
+`[heads, head_dim]` by `repeat_interleave` as Lumina's `ChameleonLayerNorm.repeat_param` does, calls its
+decoder and `lm_head` directly (transformers' forward masks image-token logits; Lumina's does not for
+generation) and runs Lumina's generation constraints (inference_solver.py): the prompt ends with the forced
+BOI and resolution tokens, only image tokens in cells, EOL forced after each row, and guidance against a
+context that starts at BOI. NTP greedy tokens of the engine equal the reference's, unguided and guided, for
+a plain directory and one with `model_parallel_size` 2, grouped-query attention and `swin_norm`; TP=2 equals
+TP=1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reference.lumina_hf import LuminaHF, lumina_generate
+from tests.reference.lumina_model import LuminaImageIds
 from vllm_zipar.models.lumina_checkpoint import (
     BOI_TOKEN,
     BOS_TOKEN,
@@ -37,69 +40,6 @@ VARIANTS = {
 }
 
 
-class ChameleonReference:
-    """transformers' Chameleon holding a Lumina directory's weights, decoding as Lumina's generate does."""
-
-    def __init__(self, model_dir, *, expand=None) -> None:
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, ChameleonForConditionalGeneration
-
-        config = AutoConfig.from_pretrained(model_dir)
-        config._attn_implementation = "eager"
-        self.model = ChameleonForConditionalGeneration(config).float().eval()
-        expand = expand or (lambda w, heads: w.repeat_interleave(heads // w.shape[0], dim=0))
-        state = load_file(str(model_dir / "model.safetensors"))
-        for key, value in state.items():
-            if ".self_attn.q_norm." in key:
-                state[key] = expand(value, config.num_attention_heads)
-            elif ".self_attn.k_norm." in key:
-                state[key] = expand(value, config.num_key_value_heads)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.startswith("model.vqmodel.") for k in missing), (missing, unexpected)
-
-    @torch.no_grad()
-    def step(self, cache, ids: list[int], start: int) -> torch.Tensor:
-        """Append `ids` at positions start.. to the cache; the last one's full-vocabulary logits, unmasked."""
-        out = self.model.model(
-            input_ids=torch.tensor([ids]),
-            position_ids=torch.arange(start, start + len(ids))[None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return self.model.lm_head(out.last_hidden_state[0, -1]).float()
-
-    def generate(self, prompt_ids, uncond_ids, grid, image_ids, eol, *, cfg_scale: float) -> torch.Tensor:
-        """Greedy codes [H, W]: each cell the best image token of `uncond + s * (cond - uncond)`, an EOL fed
-        after every row (Lumina's MultiModalLogitsProcessor and its CFG processor, greedy)."""
-        from transformers import DynamicCache
-
-        rows, cols = grid
-        cond_cache, uncond_cache = DynamicCache(), DynamicCache()
-        cond = self.step(cond_cache, list(prompt_ids), 0)
-        cond_len, uncond_len = len(prompt_ids), len(uncond_ids)
-        uncond = self.step(uncond_cache, list(uncond_ids), 0) if cfg_scale != 1.0 else None
-        columns = torch.tensor(image_ids)
-        codes = torch.zeros(rows, cols, dtype=torch.long)
-
-        def feed(token: int) -> None:
-            nonlocal cond, uncond, cond_len, uncond_len
-            cond = self.step(cond_cache, [token], cond_len)
-            cond_len += 1
-            if uncond is not None:
-                uncond = self.step(uncond_cache, [token], uncond_len)
-                uncond_len += 1
-
-        for r in range(rows):
-            for c in range(cols):
-                logits = cond if uncond is None else uncond + cfg_scale * (cond - uncond)
-                codes[r, c] = int(logits[columns].argmax())
-                if (r, c) != (rows - 1, cols - 1):
-                    feed(image_ids[codes[r, c]])
-            if r < rows - 1:
-                feed(eol)
-        return codes
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def lumina_dir(request, tmp_path_factory):
     from vllm_zipar.testing.lumina_dirs import write_tiny_lumina_dir
@@ -111,7 +51,7 @@ def lumina_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(lumina_dir):
-    return ChameleonReference(lumina_dir)
+    return LuminaHF.from_dir(lumina_dir)
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +64,17 @@ def engine(lumina_dir):
 
 
 def reference_codes(reference, model, prompt: str, size, *, cfg_scale: float) -> torch.Tensor:
+    """Lumina's cached greedy generate on transformers' Chameleon (tests/reference/lumina_hf.py), as codes;
+    the forced layout around them (the prompt's [BOI, h, w], an EOL per row, EOI) is checked."""
     ids = model.prompt_ids(prompt, size)
-    uncond = model.unconditional_prompt_ids(None, size, ids)
-    tokens = model.tokens
-    return reference.generate(ids, uncond, size.grid, tokens.image_ids, tokens.eol, cfg_scale=cfg_scale)
+    prefix = model.unconditional_prompt_ids(None, size, ids)  # [BOI, h, w]: Lumina's unconditional context
+    assert ids[-3:] == prefix
+    rows, cols = size.grid
+    image_ids = LuminaImageIds.from_vocabulary_map(model.hf_config.vocabulary_map)
+    out = lumina_generate(reference, ids[:-3], prefix, rows, cols, image_ids, cfg_scale=cfg_scale)
+    grid = torch.tensor(out[3 : 3 + rows * (cols + 1)]).view(rows, cols + 1)
+    assert (grid[:, cols] == model.tokens.eol).all() and out[-1] == model.tokens.eoi
+    return model.visual_tokens.id_to_code(grid[:, :cols])
 
 
 # --- the directory and the token layout -------------------------------------------------------------------
