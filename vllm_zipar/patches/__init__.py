@@ -6,6 +6,7 @@ vLLM loads in every process it starts (front-end, engine core, workers) before i
 `apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is selected on the CPU platform
 (`vllm_zipar.engine.attention_backends`); `take_over_shutdown_signals()` by the image route
 (`vllm_zipar.serving.lifecycle`) once vLLM's server runs, in the API server process;
+`apply_image_serving_patches()` by our `vllm` command when it serves the image route, before vLLM's `main`;
 `apply_http_head_limits()` by the image route's `init_state` (`vllm_zipar.serving.images_route`), in each
 API server process, before vLLM starts its HTTP server. Each patch checks the
 vLLM version it was written for and refuses any other: a patch silently applied to code it was not written
@@ -52,6 +53,14 @@ def apply_cli_patches() -> None:
 
     apply_once("cli_version", cli_version.apply)
     apply_once("serve_flags", serve_flags.apply)
+
+
+def apply_image_serving_patches() -> None:
+    """The API server's engine-output task yields between engine messages (`engine_output_yield`); before
+    vLLM builds its engine client."""
+    from vllm_zipar.patches import engine_output_yield
+
+    apply_once("engine_output_yield", engine_output_yield.apply)
 
 
 def apply_flex_attention_cpu_patches() -> None:

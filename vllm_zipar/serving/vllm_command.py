@@ -283,6 +283,10 @@ def main() -> None:
             print(f"vllm serve: error: {err}", file=sys.stderr)
             sys.exit(2)
     apply_cli_patches()
+    if argv[:1] == ["serve"] and ENDPOINT_PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(","):
+        from vllm_zipar.patches import apply_image_serving_patches
+
+        apply_image_serving_patches()  # before vLLM builds its engine client in this process
     sys.argv = [sys.argv[0], *argv]
     from vllm.entrypoints.cli.main import main as vllm_main
 
