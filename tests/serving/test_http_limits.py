@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import uvloop
 
 from tests.serving.conftest import SERVER_ARGS, write_image_model
 from vllm_zipar.serving.http_limits import HeadLimits, head_limits_from_env, limited_protocol_class
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.serving
 MARGIN = 30.0  # bounds every wait for an answer: generous for a loaded machine, far below "never"
 LIMITS = HeadLimits(max_bytes=4096, max_count=20, timeout=1.0)
 KEEP_ALIVE = 10  # seconds: far longer than LIMITS.timeout
+BLOCK_SECONDS = 3 * LIMITS.timeout
 
 
 async def echo_app(scope, receive, send) -> None:
@@ -73,7 +75,30 @@ class InProcessServer:
             timeout_keep_alive=KEEP_ALIVE,
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # uvloop, as vLLM's server (it runs due timers before it polls sockets again).
+        self.thread = threading.Thread(target=lambda: uvloop.run(self.serve()), daemon=True)
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    def stall_loop(self, seconds: float) -> socket.socket:
+        """From now on, a byte written to the returned socket stalls the server's loop for `seconds` inside
+        an I/O callback (as a slow callback or a descheduled process would)."""
+        ours, theirs = socket.socketpair()
+
+        def stall() -> None:
+            if not theirs.recv(1):  # `ours` closed: done
+                assert self.loop is not None
+                self.loop.remove_reader(theirs.fileno())
+                theirs.close()
+                return
+            time.sleep(seconds)
+
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self.loop.add_reader, theirs.fileno(), stall)
+        return ours
 
     def __enter__(self) -> InProcessServer:
         self.thread.start()
@@ -252,6 +277,19 @@ def test_an_idle_keep_alive_connection_is_left_to_the_keep_alive_timeout(uvicorn
         time.sleep(3 * LIMITS.timeout)  # KEEP_ALIVE is 10 s
         sock.sendall(request_bytes(uvicorn_server.host, body=b"{}"))
         assert read_response(sock)[0] == 200
+
+
+def test_a_head_sent_in_time_is_read_even_when_the_loop_ran_late(uvicorn_server):
+    """A connection opens, the loop stalls past the header timeout, the head arrives meanwhile: when the
+    loop runs again the overdue timer must not close a connection whose head is waiting to be read."""
+    stall = uvicorn_server.stall_loop(BLOCK_SECONDS)
+    with connect(uvicorn_server) as waiting:
+        time.sleep(0.3)  # `waiting` is accepted: its header timer runs
+        stall.send(b"x")
+        time.sleep(0.4 * BLOCK_SECONDS)  # the loop is stalled now, past the head's deadline
+        waiting.sendall(request_bytes(uvicorn_server.host, body=b"{}"))
+        assert read_response(waiting)[0] == 200
+    stall.close()
 
 
 # ---------------------------------------------------------------- one real server

@@ -25,6 +25,7 @@ import asyncio
 import http
 import json
 import os
+import select
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,6 +48,7 @@ DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 MAX_HEADER_BYTES_ENV = "VLLM_ZIPAR_MAX_HEADER_BYTES"  # set by `vllm serve --max-header-bytes`
 HEADER_TIMEOUT_ENV = "VLLM_ZIPAR_REQUEST_HEADER_TIMEOUT"  # set by `vllm serve --request-header-timeout`
 LINGER_SECONDS = 2.0
+LATE_LOOP_GRACE_SECONDS = 1.0
 LINGER_MAX_BYTES = 1 << 20
 LOGGER_NAME = "vllm.zipar.http"
 
@@ -77,6 +79,16 @@ def http_logger() -> Any:
     from vllm.logger import init_logger
 
     return init_logger(LOGGER_NAME)
+
+
+def _bytes_waiting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the connection's socket has unread bytes (or an EOF) the loop has not delivered yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class HeadRefused(Exception):
@@ -199,6 +211,11 @@ class HeadWatch:
         self.timer = None
         if not self.awaiting or self.refused or self.transport is None or self.transport.is_closing():
             return
+        if _bytes_waiting(self.transport):
+            # The loop ran late (uvloop runs due timers before it polls sockets): the head may be waiting
+            # in the kernel, sent in time. Let the loop read it, then look again.
+            self.timer = self.loop.call_later(LATE_LOOP_GRACE_SECONDS, self._expired)
+            return
         if self.raw_bytes == 0:  # opened and never used (a browser's preconnect): close, nothing to answer
             self.refused = True
             self.transport.close()
@@ -228,7 +245,7 @@ class HeadWatch:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        client = "%s:%d" % tuple(self.client[:2]) if self.client else "a client"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         http_logger().info("HTTP %d to %s: %s", status, client, message)
         transport.write(error_response(status, code, message, self.default_headers))
         if transport.can_write_eof():
