@@ -194,10 +194,14 @@ def draining_server(tmp_path_factory):
     server.stop()
 
 
-# Flaky since at least the previous session (it fails on that code too, in this module, on an idle machine):
-# while hundreds of images finish, the API server's event loop answers `/metrics`, the SIGTERM handler and
-# new connections seconds late, so the drain starts after most of the work. Root cause not found yet.
-@pytest.mark.xfail(strict=False, reason="API server event loop starved under a burst of finishing images")
+# Flaky on this shared 2-core machine. Two causes found and fixed: vLLM's engine-output task held the API
+# server's loop while engine messages waited (`patches/engine_output_yield.py`), and a light request's pool
+# thread could connect after the heavy ones (it then queued behind 480 images). Still failing in about a
+# third of the runs under load averages 10-20: the heavy requests reach the engine in waves (its "Waiting"
+# count fell to 0, then rose by 100 a minute later) and `/metrics` answers take ~9 s, so the admission wait
+# runs out (the assert below says how many got in) or SIGTERM comes after the work (connection refused).
+# Not found yet whether the API server or this test's 60 client threads lack the CPU.
+@pytest.mark.xfail(strict=False, reason="requests reach the engine in waves under machine load (see above)")
 def test_sigterm_drains_then_exits(draining_server):
     """SIGTERM ends the server.
 
@@ -206,11 +210,15 @@ def test_sigterm_drains_then_exits(draining_server):
     request arriving meanwhile gets 503 and `Retry-After` at once. The process exits 0, with neither
     tracebacks nor nanobind's leak report in its log."""
     server = draining_server
+    # Written whole from this thread before any heavy one starts (a pool thread could connect late on a
+    # loaded machine, and a light request queued behind 480 images cannot finish inside the drain).
+    light_bodies = [json.dumps({**LIGHT, "seed": i}).encode() for i in range(4)]
+    light = [raw_request(server, "", body, len(body)) for body in light_bodies]
     with ThreadPoolExecutor(60) as pool:
-        light = [pool.submit(post, server, {**LIGHT, "seed": i}) for i in range(4)]
         time.sleep(0.2)
         heavy = [pool.submit(post, server, {**HEAVY, "seed": i}) for i in range(48)]
-        wait_until_admitted(server, 4 + 48 * HEAVY["n"])
+        admitted = wait_until_admitted(server, 4 + 48 * HEAVY["n"])
+        assert admitted >= 4 + 48 * HEAVY["n"], f"only {admitted} engine requests admitted in {MARGIN} s"
         server.process.send_signal(signal.SIGTERM)
         sent_at = time.monotonic()
         time.sleep(0.2)
@@ -218,7 +226,10 @@ def test_sigterm_drains_then_exits(draining_server):
         error = error_of(arrival, 503)
         assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
         assert 1 <= int(arrival.headers["retry-after"]) <= DRAIN
-        assert all(f.result().status_code == 200 for f in light)
+        light_statuses = [read_status(sock)[0] for sock in light]
+        for sock in light:
+            sock.close()
+        assert light_statuses == [200] * len(light)
         outcomes = [f.result() for f in heavy]
     assert time.monotonic() - sent_at <= DRAIN + MARGIN
     cut = [r for r in outcomes if r.status_code != 200]
@@ -236,12 +247,16 @@ def engine_core_of(server: ServedModel) -> psutil.Process:
     return next(child for child in children if child.name().startswith("VLLM::EngineCor"))
 
 
-def wait_until_admitted(server: ServedModel, engine_requests: int) -> None:
-    """Until the engine has seen `engine_requests` requests (finished, running or waiting)."""
+def wait_until_admitted(server: ServedModel, engine_requests: int) -> float:
+    """Until the engine has seen `engine_requests` requests (finished, running or waiting), at most MARGIN
+    seconds; returns the last count seen."""
     names = ("vllm:request_success_total", "vllm:num_requests_running", "vllm:num_requests_waiting")
     deadline = time.monotonic() + MARGIN
-    while sum(server.metric(name) for name in names) < engine_requests and time.monotonic() < deadline:
+    seen = sum(server.metric(name) for name in names)
+    while seen < engine_requests and time.monotonic() < deadline:
         time.sleep(0.1)
+        seen = sum(server.metric(name) for name in names)
+    return seen
 
 
 def kill_engine_under_load(tmp_path_factory, attempt: int):

@@ -5,7 +5,10 @@ before vLLM's own `main` runs; `apply_engine_patches()` by our general plugin (`
 vLLM loads in every process it starts (front-end, engine core, workers) before it builds an executor;
 `apply_flex_attention_cpu_patches()` by the FlexAttention backend when it is selected on the CPU platform
 (`vllm_zipar.engine.attention_backends`); `take_over_shutdown_signals()` by the image route
-(`vllm_zipar.serving.lifecycle`) once vLLM's server runs, in the API server process. Each patch checks the
+(`vllm_zipar.serving.lifecycle`) once vLLM's server runs, in the API server process;
+`apply_image_serving_patches()` by our `vllm` command when it serves the image route, before vLLM's `main`;
+`apply_http_head_limits()` by the image route's `init_state` (`vllm_zipar.serving.images_route`), in each
+API server process, before vLLM starts its HTTP server. Each patch checks the
 vLLM version it was written for and refuses any other: a patch silently applied to code it was not written
 against is worse than a clear error.
 """
@@ -52,6 +55,14 @@ def apply_cli_patches() -> None:
     apply_once("serve_flags", serve_flags.apply)
 
 
+def apply_image_serving_patches() -> None:
+    """The API server's engine-output task yields between engine messages (`engine_output_yield`); before
+    vLLM builds its engine client."""
+    from vllm_zipar.patches import engine_output_yield
+
+    apply_once("engine_output_yield", engine_output_yield.apply)
+
+
 def apply_flex_attention_cpu_patches() -> None:
     """Eager FlexAttention inside vLLM's FlexAttention backend (CPU platform only)."""
     from vllm_zipar.patches import flex_attention_cpu
@@ -67,6 +78,13 @@ async def take_over_shutdown_signals(
     from vllm_zipar.patches import sigterm_drain
 
     return await sigterm_drain.take_over_shutdown_signals(state, on_sigterm, on_sigint)
+
+
+def apply_http_head_limits() -> None:
+    """vLLM's API server speaks HTTP through our bounded uvicorn protocols (`http_head_limits`)."""
+    from vllm_zipar.patches import http_head_limits
+
+    apply_once("http_head_limits", http_head_limits.apply)
 
 
 def apply_engine_patches() -> None:

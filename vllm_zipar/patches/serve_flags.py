@@ -59,6 +59,22 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         default=None,
         help="Seconds a client may take to send its request body (default 10); then 408.",
     )
+    group.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=None,
+        help="Largest request head (request line and headers) any route accepts (default 32768); larger "
+        "ones get 431 and the connection closes. The header count is bounded by --h11-max-header-count, "
+        "for httptools as for h11.",
+    )
+    group.add_argument(
+        "--request-header-timeout",
+        type=float,
+        default=None,
+        help="Seconds a connection may take to send a complete request head, from its opening or from the "
+        "first byte of a later request (default 10); then it is closed (408 if part of a head came). "
+        "Idle keep-alive connections keep vLLM's keep-alive timeout.",
+    )
     return group
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from vllm_zipar.patches import apply_http_head_limits
 from vllm_zipar.serving.client_watch import AbortOnDisconnect
 from vllm_zipar.serving.image_service import ImageService, route_logger
 from vllm_zipar.serving.image_stream import stream_images
@@ -111,6 +112,8 @@ class ZipARImagesPlugin:
 
         if engine_client is None:
             return
+        # Before vLLM builds its uvicorn server: our bounded HTTP protocols (request head size, count, time).
+        apply_http_head_limits()
         service = ImageService.from_engine(engine_client, args)
         if service is None:
             route_logger().warning("%s: the model is not a vllm-zipar model directory; route disabled", ROUTE)

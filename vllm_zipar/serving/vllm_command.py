@@ -6,7 +6,8 @@ the flags in `--help`), takes `--decoding` / `--zipar-window` out of the argumen
 an image model needs unless the user gave them (`engine_args.image_engine_args`; the user's `--hf-overrides`
 goes back merged with the family's), allow-lists our HTTP route in `VLLM_PLUGINS`, and hands everything else
 to `vllm.entrypoints.cli.main.main` unchanged. Without `--decoding` it is exactly vLLM's command. The route's
-bounds (`--drain-timeout`, `--max-request-bytes`, `--request-body-timeout`) reach the API server as
+bounds (`--drain-timeout`, `--max-request-bytes`, `--request-body-timeout`, `--max-header-bytes`,
+`--request-header-timeout`) reach the API server as
 environment variables. Once vLLM returns, the command exits non-zero if the engine died under the route
 (vLLM itself exits 0 then).
 """
@@ -28,6 +29,8 @@ ROUTE_FLAGS = {
     "--drain-timeout": ("VLLM_ZIPAR_DRAIN_TIMEOUT", float),
     "--max-request-bytes": ("VLLM_ZIPAR_MAX_REQUEST_BYTES", int),
     "--request-body-timeout": ("VLLM_ZIPAR_REQUEST_BODY_TIMEOUT", float),
+    "--max-header-bytes": ("VLLM_ZIPAR_MAX_HEADER_BYTES", int),
+    "--request-header-timeout": ("VLLM_ZIPAR_REQUEST_HEADER_TIMEOUT", float),
 }
 OUR_FLAGS = ("--decoding", "--zipar-window", *ROUTE_FLAGS)
 # Taken out of argv and given back merged with the family's (engine_args.merge_hf_overrides).
@@ -280,6 +283,10 @@ def main() -> None:
             print(f"vllm serve: error: {err}", file=sys.stderr)
             sys.exit(2)
     apply_cli_patches()
+    if argv[:1] == ["serve"] and ENDPOINT_PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(","):
+        from vllm_zipar.patches import apply_image_serving_patches
+
+        apply_image_serving_patches()  # before vLLM builds its engine client in this process
     sys.argv = [sys.argv[0], *argv]
     from vllm.entrypoints.cli.main import main as vllm_main
 
