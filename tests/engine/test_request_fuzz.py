@@ -69,14 +69,21 @@ def expected_passes(image, eol: bool) -> int:
     return zipar_steps(height, width, image.stats.window, eol=eol)
 
 
-@pytest.fixture(scope="module", params=["llamagen", "emu3", "janus"])
+@pytest.fixture(scope="module", params=["llamagen", "emu3", "janus", "chameleon"])
 def fuzz_engine(request, tmp_path_factory):
     model_dir = write_tiny_dir(request.param, tmp_path_factory.mktemp(f"fuzz-{request.param}"), seed=7)
     # KV for a handful of images (Emu3's and Janus's must hold one request of max_model_len), in blocks of 32
     # tokens: preemption and prefix-cache hits.
-    kv_bytes = {"llamagen": 512 << 10, "emu3": 700 << 10, "janus": 700 << 10}[request.param]
+    kv_bytes = {"llamagen": 512 << 10, "emu3": 700 << 10, "janus": 700 << 10, "chameleon": 1400 << 10}
+    # Lumina-mGPT's tiny directory: its default max_model_len reserves 512-token prompts; these are ~50.
+    limits = {"chameleon": {"max_model_len": 640}}.get(request.param, {})
     generator = ImageGenerator(
-        model_dir, max_num_seqs=12, kv_cache_memory_bytes=kv_bytes, block_size=32, disable_log_stats=False
+        model_dir,
+        max_num_seqs=12,
+        kv_cache_memory_bytes=kv_bytes[request.param],
+        block_size=32,
+        disable_log_stats=False,
+        **limits,
     )
     yield request.param, generator
     generator.close()
