@@ -206,6 +206,13 @@ class DraftPlan:
             for chain in self._chains
         ]
 
+    @property
+    def max_base_pass(self) -> int:
+        """The most tokens (both streams) a pass feeds without drafts: one per chain, two on a chain that
+        carries EOL tokens inside it (NTP on an EOL layout: a row's last cell and its EOL ride together)."""
+        per_chain = [1 + any(e.cell is None for e in chain[1:]) for chain in self._chains if chain]
+        return sum(per_chain) * (1 if self.uncond_prompt_len is None else 2)
+
     # ------------------------------------------------------------------------------------------ state
     @property
     def done(self) -> bool:
