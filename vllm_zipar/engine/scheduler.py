@@ -176,20 +176,24 @@ class ZipARScheduler(Scheduler):
 
     # -- scheduling ------------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        held = self._hold_back_unfittable()
+        held, budget = self._hold_back_unfittable()
+        held_waiting = self._hold_back_waiting(budget)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             self._restore_held(held)
+            for request in held_waiting:
+                self.waiting.add_request(request)
         self._trim_chunks(output)
         output.zipar_inputs = self._step_inputs(output)  # type: ignore[attr-defined]
         return output
 
-    def _hold_back_unfittable(self) -> list[tuple[int, Request]]:
+    def _hold_back_unfittable(self) -> tuple[list[tuple[int, Request]], int]:
         """Take out of `running`, for this step only, images whose next pass would not fit the budget.
 
         vLLM's scheduler gives a running request `min(needed, budget left)` tokens; for an image that would
         cut a pass in two and lose the samples of its first part. Held requests keep their KV blocks.
+        Also returns the budget the running requests leave (at least what vLLM will leave them).
         """
         budget = self.max_num_scheduled_tokens
         held: list[tuple[int, Request]] = []
@@ -199,14 +203,39 @@ class ZipARScheduler(Scheduler):
             state = self.images.get(request.request_id)
             if state is not None and needed > budget:
                 cut = request.num_computed_tokens + budget
-                if cut < state.plan.num_fed and cut > state.first_split_point or budget <= 0:
+                # A chunk that starts before the pass runs and is trimmed to end there (`_trim_chunks`):
+                # holding it would stall an image whose tokens before its pass outgrow the budget.
+                splits = cut < state.plan.num_fed and cut > state.first_split_point
+                if budget <= 0 or splits and request.num_computed_tokens >= state.first_split_point:
                     held.append((index, request))
                     continue
             budget -= min(needed, budget)
             kept.append(request)
         if held:
             self.running[:] = kept
-        return held
+        return held, budget
+
+    def _hold_back_waiting(self, budget: int) -> list[Request]:
+        """Take out of `waiting`, for this step only, the first image whose chunk could start at its pending
+        pass and not reach the pass's end (and every request after it, as vLLM stops at a request that does
+        not fit).
+
+        A waiting image's first chunk starts at its prefix-cache hit, which may be the pass's first sampled
+        input (a guided class prompt's pass starts at token 0): then no trim leaves a token in the chunk.
+        `budget` is what the running requests leave; earlier waiting requests are counted whole (their hits
+        are not known yet), so the estimate errs towards holding back.
+        """
+        queued = list(self.waiting)
+        for position, request in enumerate(queued):
+            if budget <= 0:
+                return []
+            state = self.images.get(request.request_id)
+            if state is not None and request.num_tokens - state.first_split_point > budget:
+                held = queued[position:]
+                self.waiting.remove_requests(held)
+                return held
+            budget -= min(request.num_tokens - request.num_computed_tokens, budget)
+        return []
 
     def _restore_held(self, held: list[tuple[int, Request]]) -> None:
         for index, request in held:
