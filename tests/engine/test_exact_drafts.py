@@ -87,6 +87,7 @@ def test_the_drafts_do_something(engine):
     """Seeded NTP with L = 4 on the tiny model: some guesses are right (fewer passes than NTP's 64), the
     wrong ones are superseded (dead KV slots), and L = 0 is plain ZipAR (no drafts, the same passes)."""
     _, generator, oracle = engine
+    before = {name: counter(generator, name) for name in COUNTERS}
     image, plain = decode_together(
         generator,
         [(3, dict(seed=21, decoding="ntp", zipar_drafts=n, **SAMPLING)) for n in (4, 0)],
@@ -96,6 +97,27 @@ def test_the_drafts_do_something(engine):
     assert image.stats.accepted > 0 and image.stats.superseded > 0
     assert max(image.cells_per_pass) > 1  # a pass that settled several cells of the one NTP chain
     assert plain.stats.drafts == plain.stats.fed == 0 and plain.cells_per_pass == [1] * (GRID * GRID)
+    # The front-end's Prometheus counters took this image's draft stats (the plain one adds nothing).
+    stats = image.stats
+    expected = (stats.fed, stats.draft_tokens, stats.accepted, stats.superseded)
+    assert tuple(counter(generator, name) - before[name] for name in COUNTERS) == expected
+
+
+COUNTERS = (
+    "vllm:zipar_draft_images_fed_tokens",
+    "vllm:zipar_draft_tokens",
+    "vllm:zipar_draft_tokens_accepted",
+    "vllm:zipar_superseded_kv_slots",
+)
+
+
+def counter(generator, name: str) -> float:
+    """A Prometheus counter of the front-end for NTP images (0 before its first increment)."""
+    return sum(
+        metric.value
+        for metric in generator.llm.get_metrics()
+        if metric.name in (name, f"{name}_total") and metric.labels.get("decoding") == "ntp"
+    )
 
 
 @pytest.mark.parametrize(("window", "drafts"), [(None, 2), (2, 1), (2, 4)])
