@@ -114,19 +114,23 @@ def main(argv: list[str] | None = None) -> int:
                     "passes_per_image": mean(image.passes for image in images),
                     "max_passes": max(image.passes for image in images),
                     "seconds_per_image": seconds / len(images),
-                    "fed_per_image": mean(s.fed for s in stats),
+                    # Plain ZipAR (L = 0) reports no draft counts: it feeds each position once.
+                    "fed_per_image": mean(s.fed for s in stats) if drafts else None,
                     "draft_tokens_per_image": mean(s.draft_tokens for s in stats),
                     "accepted_per_image": mean(s.accepted for s in stats),
                     "superseded_per_image": mean(s.superseded for s in stats),
                     "tokens_equal_to_l0": equal,
                 }
                 rows.append(row)
+                counts = (
+                    f", fed {row['fed_per_image']:.0f}, drafts {row['draft_tokens_per_image']:.0f}, accepted "
+                    f"{row['accepted_per_image']:.0f}, superseded {row['superseded_per_image']:.0f}"
+                    if drafts
+                    else ""
+                )
                 print(
                     f"{name:9s} L={drafts}: {row['passes_per_image']:6.1f} passes/image (max "
-                    f"{row['max_passes']}), {row['seconds_per_image']:.3f} s/image, fed "
-                    f"{row['fed_per_image']:.0f}, drafts {row['draft_tokens_per_image']:.0f}, accepted "
-                    f"{row['accepted_per_image']:.0f}, superseded {row['superseded_per_image']:.0f}; "
-                    "tokens = L=0's",
+                    f"{row['max_passes']}), {row['seconds_per_image']:.3f} s/image{counts}; tokens = L=0's",
                     flush=True,
                 )
         if "NTP" in reference and "ZipAR-16" in reference:
