@@ -10,7 +10,9 @@ accepted drafts and the superseded KV slots (conditional stream; a guided image 
 
 The engine gets `max_model_len` 16384 (the family's 578 fits plain ZipAR): a draft image's sequence also
 holds its superseded tokens. `--quick`: two images, NTP and ZipAR-8 with L = 0 and 2, for the test suite.
-Writes `results/exact_drafts.json` and `.png` (`_quick` for --quick).
+Writes `results/exact_drafts.json` and `.png` (`_quick` for --quick) after every row; a run of some
+`--decodings` keeps the rows of the others already there (same images and sampling), so a long run can be
+split.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_equal_to_l0": equal,
                 }
                 rows.append(row)
+                save(args, rows, seeds, sampling)
                 counts = (
                     f", fed {row['fed_per_image']:.0f}, drafts {row['draft_tokens_per_image']:.0f}, accepted "
                     f"{row['accepted_per_image']:.0f}, superseded {row['superseded_per_image']:.0f}"
@@ -135,7 +138,28 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "NTP" in reference and "ZipAR-16" in reference:
             assert torch.equal(reference["NTP"], reference["ZipAR-16"]), "ZipAR-16 differs from NTP"
+    path = save(args, rows, seeds, sampling)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def save(args, rows: list[dict], seeds: list[int], sampling) -> Path:
+    """Write the JSON and plot: this run's rows, plus the rows of other decodings from an earlier run of
+    the same images and sampling."""
+    import json
+
+    from benchmarks.common import RESULTS
+
     name = "exact_drafts_quick" if args.quick else "exact_drafts"
+    earlier = RESULTS / f"{name}.json"
+    ours = {row["mode"] for row in rows}
+    kept: list[dict] = []
+    if earlier.is_file():
+        old = json.loads(earlier.read_text())
+        if old.get("images_per_row") == args.images and old.get("seeds") == [seeds[0], seeds[-1]]:
+            kept = [row for row in old["rows"] if row["mode"] not in ours]
+    order = list(DECODINGS)
+    rows = sorted(kept + rows, key=lambda row: (order.index(row["mode"]), row["drafts"]))
     result = {
         "model": Path(args.model).name,
         "images_per_row": args.images,
@@ -155,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         f"exact drafts, digits model, {args.images} images in flight, CFG {sampling.cfg_scale:g}, "
         f"T {sampling.temperature:g}: the same tokens at every L"
     )
-    plot(rows, name, title)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
-    return 0
+    if len({row["drafts"] for row in rows}) * len({row["mode"] for row in rows}) == len(rows):
+        plot(rows, name, title)
+    return path
 
 
 if __name__ == "__main__":
