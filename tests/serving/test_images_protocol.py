@@ -25,7 +25,16 @@ def error_of(raw: bytes | dict) -> ImageAPIError:
 def test_a_minimal_request_takes_the_defaults():
     req = parse(prompt="3")
     assert (req.n, req.output_format, req.stream, req.partial_images, req.seed) == (1, "png", False, 0, None)
-    fields = ("size", "negative_prompt", "temperature", "top_k", "top_p", "decoding", "zipar_window")
+    fields = (
+        "size",
+        "negative_prompt",
+        "temperature",
+        "top_k",
+        "top_p",
+        "decoding",
+        "zipar_window",
+        "zipar_drafts",
+    )
     assert req.sampling_kwargs() == dict.fromkeys((*fields, "cfg_scale", "cfg_interval"))
 
 

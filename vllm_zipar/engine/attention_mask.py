@@ -7,6 +7,12 @@ stream, raster position, feed step and proxy flag of every cached token. A reque
 one stream in strictly increasing raster order with no proxy (prefill, NTP, LlamaGen's row 0) is plain
 causal attention: the platform's own kernel is exact for it, and only the other requests are recomputed
 with the mask.
+
+An image decoded with exact drafts (docs/exact_drafts.md §3) uses the newest-token rule instead
+(`DraftKeyFields`): key j is visible to query i iff j is i, or same stream, j not a proxy,
+step(j) <= step(i) < dead_from(j) (the pass that fed the next real token at j's position), and j's cell in
+i's static context (the row-limit closed form of `zipar.draft_plan.DraftMaskFields`). Such an image is
+masked as soon as it feeds a grid token.
 """
 
 from __future__ import annotations
@@ -17,6 +23,55 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_zipar.engine.step_inputs import DraftStepInputs
+
+NEVER = np.iinfo(np.int32).max  # dead_from of a token nothing has superseded (yet)
+
+
+class DraftKeyFields:
+    """Per token of one draft image's KV sequence: its static context (row, column of the cell whose
+    predictor it is; row -1: every position at or before its own), its cell (row -1: a prompt token) and
+    the pass from which a newer token at its position hides it (`NEVER`: none)."""
+
+    def __init__(self, width: int, window: int, row0_whole: bool) -> None:
+        self.width, self.window, self.row0_whole = width, window, row0_whole
+        self.context_rows = np.zeros(0, dtype=np.int32)
+        self.context_cols = np.zeros(0, dtype=np.int32)
+        self.key_rows = np.zeros(0, dtype=np.int32)
+        self.key_cols = np.zeros(0, dtype=np.int32)
+        self.dead_from = np.zeros(0, dtype=np.int32)
+        self.touched: list[int] = []  # earlier tokens the last write superseded (their dead_from changed)
+
+    def write(self, start: int, steps: list[int], inputs: DraftStepInputs) -> None:
+        end = start + len(steps)
+        if len(self.dead_from) < end:
+            grow = max(end, 2 * len(self.dead_from))
+            for name in ("context_rows", "context_cols", "key_rows", "key_cols", "dead_from"):
+                setattr(self, name, np.resize(getattr(self, name), grow))
+        self.context_rows[start:end] = inputs.context_rows
+        self.context_cols[start:end] = inputs.context_cols
+        self.key_rows[start:end] = inputs.key_rows
+        self.key_cols[start:end] = inputs.key_cols
+        self.dead_from[start:end] = NEVER
+        self.touched = []
+        for step, replaced in zip(steps, inputs.supersedes, strict=True):
+            if replaced >= 0:
+                self.dead_from[replaced] = step
+                if replaced < start:
+                    self.touched.append(replaced)
+
+    def in_context(self, q: slice, length: int, positions: np.ndarray) -> np.ndarray:
+        """Boolean [queries, length]: which keys' cells lie in each query's static context."""
+        R, C = self.context_rows[q, None], self.context_cols[q, None]
+        kr, kc = self.key_rows[None, :length], self.key_cols[None, :length]
+        W = self.width
+        limit = np.minimum(W, C + (R - kr) * self.window)
+        if self.row0_whole:
+            limit = np.where(kr == 0, W, limit)
+        grid = (kr < 0) | ((kr == R) & (kc < C)) | ((kr < R) & ((kc == W) | (kc < limit)))
+        causal = positions[None, :length] <= positions[q, None]
+        return np.where(R < 0, causal, grid)
+
 
 class ImageKeyMetadata:
     """Stream, raster position, feed step and proxy flag of each token in one request's KV sequence."""
@@ -26,6 +81,7 @@ class ImageKeyMetadata:
         self.steps = np.zeros(0, dtype=np.int64)
         self.proxy = np.zeros(0, dtype=bool)
         self.streams: np.ndarray | None = None  # None while every token is in stream 0
+        self.drafts: DraftKeyFields | None = None  # exact drafts: the newest-token rule
 
     def write(
         self,
@@ -34,6 +90,7 @@ class ImageKeyMetadata:
         steps: list[int],
         proxy: list[bool],
         streams: list[int] | None = None,
+        drafts: DraftStepInputs | None = None,
     ) -> None:
         """Record tokens `[start, start + n)`; anything after `start` is dropped (recompute, trimming)."""
         end = start + len(positions)
@@ -51,20 +108,31 @@ class ImageKeyMetadata:
             if self.streams is None:
                 self.streams = np.zeros(len(self.positions), dtype=np.int8)
             self.streams[start:end] = streams
+        if drafts is not None:
+            if self.drafts is None:
+                self.drafts = DraftKeyFields(drafts.width, drafts.window, drafts.row0_whole)
+            self.drafts.write(start, steps, drafts)
 
     def is_causal(self, length: int) -> bool:
         positions = self.positions[:length]
         if self.streams is not None and self.streams[:length].any():
             return False
+        if self.drafts is not None and (self.drafts.context_rows[:length] >= 0).any():
+            return False  # a draft image's grid tokens see their static context, not all before them
         return not self.proxy[:length].any() and bool(np.all(positions[1:] > positions[:-1]))
 
     def mask(self, first_query: int, num_queries: int) -> np.ndarray:
         """Boolean [num_queries, first_query + num_queries]: which keys each scheduled query may see."""
         length = first_query + num_queries
         q = slice(first_query, length)
-        visible = (self.positions[None, :length] <= self.positions[q, None]) & (
-            self.steps[None, :length] <= self.steps[q, None]
-        )
+        if self.drafts is not None:
+            visible = self.drafts.in_context(q, length, self.positions)
+            visible &= self.steps[q, None] < self.drafts.dead_from[None, :length]
+            visible &= self.steps[None, :length] <= self.steps[q, None]
+        else:
+            visible = (self.positions[None, :length] <= self.positions[q, None]) & (
+                self.steps[None, :length] <= self.steps[q, None]
+            )
         visible &= ~self.proxy[None, :length]
         if self.streams is not None:
             visible &= self.streams[None, :length] == self.streams[q, None]

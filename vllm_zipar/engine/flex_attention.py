@@ -27,7 +27,7 @@ from vllm.v1.attention.backends.flex_attention import (
 )
 
 from vllm_zipar.engine.attention_mask import ZipARAttentionInputs
-from vllm_zipar.engine.flex_mask import CAUSAL, ZipARMaskBuffers, zipar_visible
+from vllm_zipar.engine.flex_mask import CAUSAL, NEVER, ZipARMaskBuffers, zipar_visible
 
 
 def _has_flash_cache_op() -> bool:
@@ -130,10 +130,12 @@ class ZipARFlexMasks:
             )
 
     def _write(self, attention: ZipARAttentionInputs) -> None:
-        """Upload the per-token values of every masked request's tokens not yet in the buffers."""
+        """Upload the per-token values of every masked request's tokens not yet in the buffers, and the
+        `dead_from` of earlier tokens this step's tokens superseded (exact drafts)."""
         masked = attention.masked
         stepping = {rows.req_id for rows in masked}
         columns = []  # per request: slot, token index, position, step, stream, proxy
+        drafts = []  # per request: slot, token index, context row and column, key row and column, dead_from
         for rows in masked:
             slot = self._slot(rows.req_id, stepping)
             start, end = min(rows.first_token, self.written[rows.req_id]), rows.seq_len
@@ -141,19 +143,46 @@ class ZipARFlexMasks:
                 raise ValueError(f"request {rows.req_id} holds {end} tokens, more than max_model_len")
             keys = rows.keys
             streams = keys.streams[start:end] if keys.streams is not None else np.zeros(end - start, np.int8)
+            tokens = np.arange(start, end)
             columns.append(
                 (
                     np.full(end - start, slot),
-                    np.arange(start, end),
+                    tokens,
                     keys.positions[start:end],
                     keys.steps[start:end],
                     streams.astype(np.int64),
                     keys.proxy[start:end],
                 )
             )
+            fields = keys.drafts
+            if fields is None:  # the feed-time rule: context "all before", never superseded
+                count = end - start
+                none = np.full(count, -1, np.int64)
+                drafts.append(
+                    (np.full(count, slot), tokens, none, none + 1, none, none + 1, np.full(count, NEVER))
+                )
+            else:
+                self.buffers.set_slot_rule(slot, fields.width, fields.window, fields.row0_whole)
+                earlier = np.array([t for t in fields.touched if t < start], dtype=np.int64)
+                index = np.concatenate([earlier, tokens])
+                drafts.append(
+                    (
+                        np.full(len(index), slot),
+                        index,
+                        fields.context_rows[index],
+                        fields.context_cols[index],
+                        fields.key_rows[index],
+                        fields.key_cols[index],
+                        fields.dead_from[index],
+                    )
+                )
             self.written[rows.req_id] = end
-        fields = zip(*columns, strict=True)
-        self.buffers.write_tokens(*(torch.from_numpy(np.concatenate(field)) for field in fields))
+        fields_of = zip(*columns, strict=True)
+        self.buffers.write_tokens(*(torch.from_numpy(np.concatenate(field)) for field in fields_of))
+        draft_fields = zip(*drafts, strict=True)
+        self.buffers.write_draft_fields(
+            *(torch.from_numpy(np.concatenate(field).astype(np.int64)) for field in draft_fields)
+        )
 
     def _slot(self, req_id: str, stepping: set[str]) -> int:
         slot = self.slots.get(req_id)

@@ -1,15 +1,20 @@
 """Which decoding an image request uses: engine defaults, overridden per request.
 
-Engine default: `additional_config={"zipar": {"decoding": "zipar" | "ntp", "window": int}}` (default: NTP).
-Per request: `SamplingParams.extra_args`, written by `ImageDecoding.to_extra_args` and read by
-`ImageDecoding.from_extra_args` (nothing else touches these keys): `{"decoding": ..., "zipar_window": ...,
-"image_grid": [H, W]}`. A window must be an int >= 1; a window >= the grid width is valid and decodes exactly
-as NTP does. The grid defaults to the model's (`ImageGrid.default_grid`); which grids a model takes is its
-adapter's business.
+Engine default: `additional_config={"zipar": {"decoding": "zipar" | "ntp", "window": int, "drafts": int}}`
+(default: NTP, no drafts). Per request: `SamplingParams.extra_args`, written by `ImageDecoding.to_extra_args`
+and read by `ImageDecoding.from_extra_args` (nothing else touches these keys): `{"decoding": ...,
+"zipar_window": ..., "image_grid": [H, W], "zipar_drafts": L}`. A window must be an int >= 1; a window >= the
+grid width is valid and decodes exactly as NTP does. The grid defaults to the model's
+(`ImageGrid.default_grid`); which grids a model takes is its adapter's business.
 
 Classifier-free guidance adds `{"cfg_scale": s, "cfg_uncond_prompt_len": U, "cfg_interval": i}`. With
 `s > 1` the last `U` prompt tokens are the unconditional prompt and the image decodes as a `GuidedPlan`
 (both sequences in this one request); `s == 1` (the default) means no unconditional sequence at all.
+
+`zipar_drafts: L` (an int >= 0; 0, the default, is plain ZipAR) decodes the same tokens with exact drafts
+(docs/exact_drafts.md): a `DraftPlan` feeds up to L guesses per chain per pass. Its output length depends on
+how many guesses were right, so it has no `num_output_tokens`; the scheduler ends the request when the plan
+is done and the grid travels in the image's stats.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from typing import Any
 
 from vllm_zipar.models.image_grid import ImageGrid
 from vllm_zipar.models.registry import image_model_for_config
-from vllm_zipar.zipar.guidance import image_plan
+from vllm_zipar.zipar.draft_plan import DraftPlan
+from vllm_zipar.zipar.guidance import GuidedPlan, image_plan
 from vllm_zipar.zipar.layout import GridLayout
-from vllm_zipar.zipar.plan import check_window
+from vllm_zipar.zipar.plan import ZipARPlan, check_window
 from vllm_zipar.zipar.shape import plan_shape
 
 DECODINGS = ("zipar", "ntp")
@@ -59,6 +65,13 @@ class Guidance:
         return cls(scale, uncond_prompt_len, interval)
 
 
+def check_drafts(drafts: object) -> int:
+    """`drafts` as an int >= 0 (0: plain ZipAR); ValueError naming `zipar_drafts` otherwise."""
+    if isinstance(drafts, bool) or not isinstance(drafts, int) or drafts < 0:
+        raise ValueError(f"zipar_drafts must be an integer >= 0 (0: no drafts), got {drafts!r}")
+    return drafts
+
+
 def check_grid(grid: object) -> tuple[int, int] | None:
     """`grid` as (rows, columns) of ints >= 1, or None (the model's default); ValueError otherwise."""
     if grid is None:
@@ -77,6 +90,7 @@ class ImageDecoding:
     window: int | None  # None for NTP
     guidance: Guidance | None = None
     grid: tuple[int, int] | None = None  # (rows, columns); None: the model's default grid
+    drafts: int = 0  # exact drafts per chain per pass (0: plain ZipAR)
 
     @classmethod
     def parse(cls, decoding: object, window: object) -> ImageDecoding:
@@ -93,17 +107,19 @@ class ImageDecoding:
 
     @classmethod
     def from_extra_args(
-        cls, extra: Mapping[str, Any] | None, default: tuple[str, int | None]
+        cls, extra: Mapping[str, Any] | None, default: tuple[str, int | None] | tuple[str, int | None, int]
     ) -> ImageDecoding:
         """The decoding a request's `SamplingParams.extra_args` asks for (`to_extra_args` wrote them); keys
-        it lacks take the engine's `default` (decoding, window), no guidance and the model's grid."""
+        it lacks take the engine's `default` (decoding, window[, drafts]), no guidance, the model's grid."""
         extra = extra or {}
+        drafts = check_drafts(extra.get("zipar_drafts", default[2] if len(default) > 2 else 0))
         decoding = extra.get("decoding", default[0])
         window = extra.get("zipar_window", default[1])
         guidance = Guidance.parse(
             extra.get("cfg_scale", 1.0), extra.get("cfg_uncond_prompt_len"), extra.get("cfg_interval", -1)
         )
-        return cls.parse(decoding, window).with_guidance(guidance).with_grid(extra.get("image_grid"))
+        parsed = cls.parse(decoding, window).with_guidance(guidance).with_grid(extra.get("image_grid"))
+        return parsed.with_drafts(drafts)
 
     def to_extra_args(self) -> dict[str, Any]:
         """This decoding as `SamplingParams.extra_args` (plain data: it crosses to the engine core)."""
@@ -114,13 +130,18 @@ class ImageDecoding:
             extra["cfg_scale"] = self.guidance.scale
             extra["cfg_uncond_prompt_len"] = self.guidance.uncond_prompt_len
             extra["cfg_interval"] = self.guidance.interval
+        if self.drafts:
+            extra["zipar_drafts"] = self.drafts
         return extra
 
     def with_guidance(self, guidance: Guidance | None) -> ImageDecoding:
-        return ImageDecoding(self.decoding, self.window, guidance, self.grid)
+        return ImageDecoding(self.decoding, self.window, guidance, self.grid, self.drafts)
 
     def with_grid(self, grid: tuple[int, int] | None) -> ImageDecoding:
-        return ImageDecoding(self.decoding, self.window, self.guidance, check_grid(grid))
+        return ImageDecoding(self.decoding, self.window, self.guidance, check_grid(grid), self.drafts)
+
+    def with_drafts(self, drafts: int) -> ImageDecoding:
+        return ImageDecoding(self.decoding, self.window, self.guidance, self.grid, check_drafts(drafts))
 
     @property
     def uncond_prompt_len(self) -> int | None:
@@ -136,22 +157,43 @@ class ImageDecoding:
             )
         return model.layout(cond_prompt_len, self.grid)
 
-    def plan(self, layout: GridLayout):
+    def plan(self, layout: GridLayout) -> ZipARPlan | GuidedPlan | DraftPlan:
+        if self.drafts:
+            return DraftPlan(layout, self.window, self.drafts, self.uncond_prompt_len)
         return image_plan(layout, self.window, self.uncond_prompt_len)
 
-    def num_output_tokens(self, layout: GridLayout) -> int:
+    def num_output_tokens(self, layout: GridLayout) -> int | None:
+        """The exact output length, known in advance without drafts (None with them)."""
+        if self.drafts:
+            return None
         return len(plan_shape(layout, self.window, self.uncond_prompt_len).output_cells)
+
+    def min_sequence_len(self, layout: GridLayout) -> int:
+        """The longest KV sequence this decoding needs without drafts (prompts + plain ZipAR's feeds):
+        drafts only use what an engine's `max_model_len` leaves beyond it."""
+        shape = plan_shape(layout, self.window, self.uncond_prompt_len)
+        return layout.prompt_len + (self.uncond_prompt_len or 0) + len(shape.output_cells)
 
     def needs_masked_attention(self, layout: GridLayout) -> bool:
         """Whether this decoding's passes need the ZipAR mask: rows started before the row above is complete,
-        or two streams (guidance) in one KV sequence."""
-        return self.guidance is not None or (self.window is not None and self.window < layout.width)
+        or two streams (guidance) in one KV sequence, or drafts (superseded tokens must be hidden)."""
+        return (
+            self.guidance is not None
+            or bool(self.drafts)
+            or (self.window is not None and self.window < layout.width)
+        )
 
     def check_fits(self, layout: GridLayout, token_budget: int) -> None:
         """Refuse a decoding whose passes cannot run whole within the engine's token budget."""
         needed = plan_shape(layout, self.window, self.uncond_prompt_len).max_pass_tokens
+        if self.drafts:  # a draft-free pass feeds one token per open chain (two on an NTP chain with EOLs)
+            needed = max(
+                needed, DraftPlan(layout, self.window, self.drafts, self.uncond_prompt_len).max_base_pass
+            )
         if needed > token_budget:
             what = f"zipar_window={self.window}" if self.window is not None else "NTP"
+            if self.drafts:
+                what += f" with zipar_drafts={self.drafts}"
             if self.guidance is not None:
                 what += f" with cfg_scale={self.guidance.scale}"
             raise ValueError(
@@ -169,6 +211,10 @@ class ImageDecoding:
             salt += f"-cfg{self.guidance.uncond_prompt_len}"
         if self.grid is not None:
             salt += f"-g{self.grid[0]}x{self.grid[1]}"
+        if self.drafts:
+            # Which positions a draft image's tokens sit at depends on its sampled values, so the scheduler
+            # also salts it with its sampling (ZipARScheduler._salt_drafts).
+            salt += f"-d{self.drafts}"
         return salt
 
 
@@ -177,9 +223,16 @@ def engine_default(vllm_config: Any) -> tuple[str, int | None]:
     return extra.get("decoding", "ntp"), extra.get("window")
 
 
+def engine_default_drafts(vllm_config: Any) -> int:
+    """The server's `zipar_drafts` default (`vllm serve --zipar-drafts`; 0: none)."""
+    extra = (getattr(vllm_config, "additional_config", None) or {}).get("zipar", {})
+    return check_drafts(extra.get("drafts", 0))
+
+
 def image_decoding_for(sampling_params: Any, vllm_config: Any) -> ImageDecoding:
     extra = getattr(sampling_params, "extra_args", None)
-    return ImageDecoding.from_extra_args(extra, engine_default(vllm_config))
+    default = (*engine_default(vllm_config), engine_default_drafts(vllm_config))
+    return ImageDecoding.from_extra_args(extra, default)
 
 
 def image_model_of(vllm_config: Any) -> ImageGrid:

@@ -83,7 +83,7 @@ class ZipARRunnerMixin:
                 del outputs[first - num_prompt :]
                 outputs.extend(plan.token_ids[first - plan.start :])
             keys = self.image_keys.setdefault(req_id, ImageKeyMetadata())
-            keys.write(plan.start, plan.positions, plan.steps, plan.proxy, plan.streams)
+            keys.write(plan.start, plan.positions, plan.steps, plan.proxy, plan.streams, plan.drafts)
         return result
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[override]

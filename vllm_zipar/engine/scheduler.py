@@ -10,6 +10,16 @@ Every image request is driven by a pure-Python `ZipARPlan` (layer 1). Each step:
 
 When an image is complete its last pass's sampled cells are appended as the final output tokens and the
 request stops at `max_tokens`, which `add_request` sets to the exact length of the image's feed sequence.
+
+An image with exact drafts (`zipar_drafts` > 0, docs/exact_drafts.md) is driven by a `DraftPlan`. Its feed
+sequence depends on which guesses were right, so `max_tokens` starts at the engine's longest sequence and
+is set to the exact length in the step the plan finishes; every pass's drafts are cut so that the sequence,
+and finishing without drafts, fit `max_model_len` (and the pass fits the token budget): cutting drafts never
+changes a token. Superseded tokens keep their KV slots (append-only; vLLM allocates and frees their blocks
+like any other token's). The grid is read from the plan, not from the output tokens, and travels in the
+image's stats. Preemption: vLLM recomputes the whole logical history, superseded tokens included, with the
+feed steps and mask fields they were first fed with, so every key and value comes back bit for bit (the
+mask is a function of the history alone) and the plan goes on where it stood.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
 from vllm_zipar.engine.request_config import Guidance, image_decoding_for, image_model_of
-from vllm_zipar.engine.step_inputs import ImageStepInputs
+from vllm_zipar.engine.step_inputs import DraftStepInputs, ImageStepInputs
+from vllm_zipar.zipar.draft_plan import DraftPlan, LogicalToken
 from vllm_zipar.zipar.guidance import UNCONDITIONAL, GuidedPlan, guidance_applies
 from vllm_zipar.zipar.image_stats import KEY as STATS_KEY
 from vllm_zipar.zipar.image_stats import ImageStats
@@ -34,7 +45,7 @@ from vllm_zipar.zipar.plan import FedInput, FeedKind, ZipARPlan
 
 @dataclass
 class ImageRequestState:
-    plan: ZipARPlan | GuidedPlan
+    plan: ZipARPlan | GuidedPlan | DraftPlan
     decoding: str = "ntp"
     window: int | None = None
     guidance: Guidance | None = None
@@ -45,7 +56,7 @@ class ImageRequestState:
     pending_sampled: list[int] = field(default_factory=list)
     pending_guides: list[int] = field(default_factory=list)
 
-    def set_pending(self, inputs: list[FedInput]) -> None:
+    def set_pending(self, inputs: list[FedInput] | list[LogicalToken]) -> None:
         end = self.plan.num_fed
         self.pending_start = end - len(inputs)
         self.pending_sampled = []
@@ -106,10 +117,15 @@ class ZipARScheduler(Scheduler):
         plan = decoding.plan(layout)
         state = ImageRequestState(plan, decoding.decoding, decoding.window, decoding.guidance)
         state.set_pending(plan.prefill_inputs(list(request.prompt_token_ids)))
-        # The request's output tokens are every input fed after the prompt plus the last pass's cells.
-        request.max_tokens = decoding.num_output_tokens(layout)
+        # The request's output tokens are every input fed after the prompt plus the last pass's cells. With
+        # drafts that length is known when the plan finishes (`update_from_output`); until then the
+        # sequence cap (`max_model_len`) bounds it.
+        num_outputs = decoding.num_output_tokens(layout)
+        request.max_tokens = self.max_model_len if num_outputs is None else num_outputs
         self.images[request.request_id] = state
         self._seed_if_unseeded(request)
+        if decoding.drafts:
+            self._salt_prefix_cache(request, sampling_salt(request, decoding))
         super().add_request(request)
 
     def _seed_if_unseeded(self, request: Request) -> None:
@@ -160,20 +176,24 @@ class ZipARScheduler(Scheduler):
 
     # -- scheduling ------------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        held = self._hold_back_unfittable()
+        held, budget = self._hold_back_unfittable()
+        held_waiting = self._hold_back_waiting(budget)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             self._restore_held(held)
+            for request in held_waiting:
+                self.waiting.add_request(request)
         self._trim_chunks(output)
         output.zipar_inputs = self._step_inputs(output)  # type: ignore[attr-defined]
         return output
 
-    def _hold_back_unfittable(self) -> list[tuple[int, Request]]:
+    def _hold_back_unfittable(self) -> tuple[list[tuple[int, Request]], int]:
         """Take out of `running`, for this step only, images whose next pass would not fit the budget.
 
         vLLM's scheduler gives a running request `min(needed, budget left)` tokens; for an image that would
         cut a pass in two and lose the samples of its first part. Held requests keep their KV blocks.
+        Also returns the budget the running requests leave (at least what vLLM will leave them).
         """
         budget = self.max_num_scheduled_tokens
         held: list[tuple[int, Request]] = []
@@ -183,14 +203,39 @@ class ZipARScheduler(Scheduler):
             state = self.images.get(request.request_id)
             if state is not None and needed > budget:
                 cut = request.num_computed_tokens + budget
-                if cut < state.plan.num_fed and cut > state.first_split_point or budget <= 0:
+                # A chunk that starts before the pass runs and is trimmed to end there (`_trim_chunks`):
+                # holding it would stall an image whose tokens before its pass outgrow the budget.
+                splits = cut < state.plan.num_fed and cut > state.first_split_point
+                if budget <= 0 or splits and request.num_computed_tokens >= state.first_split_point:
                     held.append((index, request))
                     continue
             budget -= min(needed, budget)
             kept.append(request)
         if held:
             self.running[:] = kept
-        return held
+        return held, budget
+
+    def _hold_back_waiting(self, budget: int) -> list[Request]:
+        """Take out of `waiting`, for this step only, the first image whose chunk could start at its pending
+        pass and not reach the pass's end (and every request after it, as vLLM stops at a request that does
+        not fit).
+
+        A waiting image's first chunk starts at its prefix-cache hit, which may be the pass's first sampled
+        input (a guided class prompt's pass starts at token 0): then no trim leaves a token in the chunk.
+        `budget` is what the running requests leave; earlier waiting requests are counted whole (their hits
+        are not known yet), so the estimate errs towards holding back.
+        """
+        queued = list(self.waiting)
+        for position, request in enumerate(queued):
+            if budget <= 0:
+                return []
+            state = self.images.get(request.request_id)
+            if state is not None and request.num_tokens - state.first_split_point > budget:
+                held = queued[position:]
+                self.waiting.remove_requests(held)
+                return held
+            budget -= min(request.num_tokens - request.num_computed_tokens, budget)
+        return []
 
     def _restore_held(self, held: list[tuple[int, Request]]) -> None:
         for index, request in held:
@@ -239,6 +284,8 @@ class ZipARScheduler(Scheduler):
             sampled = state.pending_sampled if completes_pass else []
             guides = state.pending_guides if completes_pass else []
             guided = state.guidance is not None
+            plan = state.plan
+            drafts = DraftStepInputs.of_plan(plan, start, end) if isinstance(plan, DraftPlan) else None
             plans[req_id] = ImageStepInputs(
                 start=start,
                 token_ids=[f.token for f in fed],
@@ -247,10 +294,11 @@ class ZipARScheduler(Scheduler):
                 proxy=[f.kind is FeedKind.PROXY for f in fed],
                 sample_offsets=[i - start for i in sampled],
                 sample_positions=[fed[i - start].predicts for i in sampled],
-                masked_decoding=state.window is not None or guided,
+                masked_decoding=state.window is not None or guided or drafts is not None,
                 streams=[f.stream for f in fed] if guided else None,
                 guide_offsets=[i - start if i >= 0 else -1 for i in guides],
                 cfg_scale=state.guidance.scale if guided else 1.0,
+                drafts=drafts,
             )
         return plans
 
@@ -271,14 +319,24 @@ class ZipARScheduler(Scheduler):
             cells = list(sampled_all[index])
             if len(cells) != len(plan.sample_offsets):
                 continue  # discarded (e.g. the request was aborted while running)
-            state.plan.record(cells)
-            state.cells_per_pass.append(len(cells))
-            next_inputs = state.plan.next_inputs()
+            plan_of = state.plan
+            plan_of.record(cells)
+            if isinstance(plan_of, DraftPlan):
+                next_inputs: list[FedInput] | list[LogicalToken] = plan_of.next_inputs(
+                    # vLLM schedules at most max_model_len - 1 tokens of a sequence (one slot for a sample).
+                    kv_room=self.max_model_len - 1 - plan_of.num_fed,
+                    pass_room=self.max_num_scheduled_tokens,
+                )
+            else:
+                state.cells_per_pass.append(len(cells))
+                next_inputs = plan_of.next_inputs()
             if next_inputs:
                 state.set_pending(next_inputs)
                 sampled_all[index] = [f.token for f in next_inputs]
             else:
                 sampled_all[index] = cells  # the last pass's cells end the request at max_tokens
+                request = self.requests[req_id]
+                request.max_tokens = request.num_output_tokens + len(cells)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.finished_images:
             for engine_outputs in outputs.values():
@@ -305,9 +363,39 @@ class ZipARScheduler(Scheduler):
         return super()._free_request(request, *args, **kwargs)
 
 
+def sampling_salt(request: Request, decoding) -> str:
+    """A draft image's tokens sit at positions that depend on its sampled values, so two requests may share
+    KV blocks only if they sample alike: same seed (given at admission when missing), temperature, top-k,
+    top-p and guidance, and so the same values, drafts and positions throughout."""
+    params = request.sampling_params
+    assert params is not None
+    guidance = decoding.guidance
+    cfg = "" if guidance is None else f"-c{guidance.scale!r}i{guidance.interval}"
+    return f"draws-s{params.seed}t{params.temperature!r}k{params.top_k}p{params.top_p!r}{cfg}"
+
+
 def image_stats(state: ImageRequestState) -> ImageStats:
     """What the request output reports about how an image was decoded."""
     layout = state.plan.layout
+    plan = state.plan
+    if isinstance(plan, DraftPlan):
+        stats = plan.stats
+        return ImageStats(
+            decoding=state.decoding,
+            window=state.window,
+            cfg_scale=state.guidance.scale if state.guidance is not None else 1.0,
+            grid=(layout.height, layout.width),
+            prompt_len=layout.prompt_len,
+            uncond_prompt_len=state.guidance.uncond_prompt_len if state.guidance is not None else None,
+            passes=plan.steps,
+            cells_per_pass=tuple(stats.cells_per_pass),
+            drafts=plan.drafts,
+            fed=stats.fed,
+            draft_tokens=stats.drafts,
+            accepted=stats.accepted,
+            superseded=stats.superseded,
+            tokens=tuple(token for row in plan.grid() for token in row),
+        )
     return ImageStats(
         decoding=state.decoding,
         window=state.window,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_zipar.zipar.draft_plan import DraftPlan
+
 
 @dataclass
 class ImageStepInputs:
@@ -32,3 +34,37 @@ class ImageStepInputs:
     streams: list[int] | None = None  # None: one stream
     guide_offsets: list[int] = field(default_factory=list)
     cfg_scale: float = 1.0
+    drafts: DraftStepInputs | None = None  # exact drafts: the newest-token mask's per-token fields
+
+
+@dataclass
+class DraftStepInputs:
+    """What the exact-draft mask needs beyond `ImageStepInputs` (`zipar.draft_plan.DraftMaskFields`, for
+    the same tokens): each token's static context and cell, and the earlier token it supersedes (an index
+    in the request's KV sequence, or -1); the grid width, the effective window and whether row 0 is seen
+    whole (layouts without EOL) are the request's."""
+
+    context_rows: list[int]
+    context_cols: list[int]
+    key_rows: list[int]
+    key_cols: list[int]
+    supersedes: list[int]
+    width: int
+    window: int
+    row0_whole: bool
+
+    @classmethod
+    def of_plan(cls, plan: DraftPlan, start: int, end: int) -> DraftStepInputs:
+        """Tokens `[start, end)` of a draft plan's history (its KV order)."""
+        fields = plan.mask_fields(start, end)
+        layout = plan.layout
+        return cls(
+            context_rows=fields.context_rows,
+            context_cols=fields.context_cols,
+            key_rows=fields.key_rows,
+            key_cols=fields.key_cols,
+            supersedes=fields.supersedes,
+            width=layout.width,
+            window=plan.context.effective_window,
+            row0_whole=not layout.eol,
+        )

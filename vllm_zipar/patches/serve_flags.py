@@ -41,6 +41,13 @@ def add_zipar_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "Implies --decoding zipar.",
     )
     group.add_argument(
+        "--zipar-drafts",
+        type=int,
+        default=None,
+        help="Exact drafts (int >= 0; default 0): guesses each row feeds per pass; the same tokens in fewer "
+        "passes (docs/exact_drafts.md). Requests may override it with zipar_drafts.",
+    )
+    group.add_argument(
         "--drain-timeout",
         type=float,
         default=None,

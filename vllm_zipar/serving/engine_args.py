@@ -108,7 +108,10 @@ def image_engine_args(
         "dtype": default_dtype(platform),
         "worker_cls": worker_cls_name(),
         "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"zipar": {"decoding": decoding.decoding, "window": decoding.window}},
+        "additional_config": {
+            "zipar": {"decoding": decoding.decoding, "window": decoding.window}
+            | ({"drafts": decoding.drafts} if decoding.drafts else {})
+        },
         "enforce_eager": True,  # no CUDA graphs or torch.compile for the masked steps
     }
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "gpu_memory_utilization" not in overrides:

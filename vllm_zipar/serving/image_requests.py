@@ -67,11 +67,13 @@ class ImageRequests:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         # An image request's output is its feed sequence (zipar/shape.py: output_cells), not H·W tokens.
+        # With drafts its length is unknown in advance (None: up to the engine's longest sequence; the
+        # scheduler ends the request when the plan is done).
         num_outputs = decoding.num_output_tokens(layout)
         extra_args = decoding.with_grid((layout.height, layout.width)).to_extra_args()
         return SamplingParams(
             max_tokens=num_outputs,
-            min_tokens=num_outputs,
+            min_tokens=num_outputs or 0,
             ignore_eos=True,
             detokenize=False,
             temperature=temperature,
@@ -115,6 +117,7 @@ class ImageRequests:
         zipar_window: int | None = None,
         cfg_scale: float | None = None,
         cfg_interval: int | None = None,
+        zipar_drafts: int | None = None,
     ) -> ImageRequest:
         """One image's vLLM prompt and SamplingParams, validated (bad input raises ValueError; an unusable
         prompt `PromptError`). Unset sampling values take the model's `sampling_defaults`; `cfg_scale=1` runs
@@ -123,6 +126,7 @@ class ImageRequests:
         chosen_size = model.size(size)
         prompt_ids = model.prompt_ids(prompt, chosen_size)
         chosen = self.decoding(decoding, zipar_window).with_grid(chosen_size.grid)
+        chosen = chosen.with_drafts(self.default_decoding.drafts if zipar_drafts is None else zipar_drafts)
         rows, cols = chosen_size.grid
         if zipar_window is not None and zipar_window > rows * cols:
             raise ValueError(
@@ -141,9 +145,9 @@ class ImageRequests:
         if chosen.needs_masked_attention(layout) and not has_zipar_attention():
             # The platform's own attention would silently attend causally: wrong tokens, not an error.
             raise ValueError(
-                "ZipAR windows below the grid width and classifier-free guidance need the ZipAR-masked "
-                "attention, which this version implements for vLLM's CPU platform and for CUDA "
-                "(FlexAttention); on this platform use decoding='ntp' with cfg_scale=1"
+                "ZipAR windows below the grid width, classifier-free guidance and zipar_drafts need the "
+                "ZipAR-masked attention, which this version implements for vLLM's CPU platform and for CUDA "
+                "(FlexAttention); on this platform use decoding='ntp' with cfg_scale=1 and zipar_drafts=0"
             )
         # The salt keeps vLLM's prefix cache from serving KV computed under another decoding (other
         # positions and masks for the same tokens).
@@ -159,10 +163,21 @@ class ImageRequests:
         return request.prompt, request.params
 
     def grid_from_output(
-        self, token_ids: Sequence[int], decoding: ImageDecoding, layout: GridLayout, *, partial: bool = False
+        self,
+        token_ids: Sequence[int],
+        decoding: ImageDecoding,
+        layout: GridLayout,
+        *,
+        partial: bool = False,
+        stats: ImageStats | None = None,
     ) -> torch.Tensor:
         """The [H, W] raster grid of vocabulary ids from a request's output tokens (its inputs in feed
-        order); -1 where a cell is not decoded yet (`partial`: the output so far)."""
+        order); -1 where a cell is not decoded yet (`partial`: the output so far). With drafts the output
+        tokens hold guesses and superseded tokens: the grid is the finished image's `stats.tokens`."""
+        if decoding.drafts:
+            if stats is None or stats.tokens is None:
+                raise RuntimeError(f"a {decoding} image's grid comes with its finished stats, got {stats}")
+            return torch.tensor(stats.tokens, dtype=torch.long).view(layout.height, layout.width)
         cells = plan_shape(layout, decoding.window, decoding.uncond_prompt_len).output_cells
         if not partial and len(cells) != len(token_ids):
             raise RuntimeError(f"expected {len(cells)} output tokens for {decoding}, got {len(token_ids)}")
@@ -179,5 +194,5 @@ class ImageRequests:
         decoding = ImageDecoding.parse(stats.decoding, stats.window)
         scale = stats.cfg_scale
         guidance = Guidance.parse(scale, stats.uncond_prompt_len) if scale != 1.0 else None
-        decoding = decoding.with_guidance(guidance).with_grid(stats.grid)
+        decoding = decoding.with_guidance(guidance).with_grid(stats.grid).with_drafts(stats.drafts)
         return decoding, self.model.layout(stats.prompt_len, stats.grid)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vllm_zipar.engine.request_config import ImageDecoding, engine_default
+from vllm_zipar.engine.request_config import ImageDecoding, engine_default, engine_default_drafts
 from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.image_prompts import ImageSize
 from vllm_zipar.models.prompt_error import PromptError
@@ -114,9 +114,11 @@ class ImageService:
         except (OSError, TypeError, ValueError, NotAnImageModel):
             return None
         decoding, window = engine_default(vllm_config)
+        drafts = engine_default_drafts(vllm_config)
         served = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or model_dir]
         budget = vllm_config.scheduler_config.max_num_batched_tokens
-        return cls(engine_client, model, served, budget, ImageDecoding.parse(decoding, window))
+        default = ImageDecoding.parse(decoding, window).with_drafts(drafts)
+        return cls(engine_client, model, served, budget, default)
 
     async def render(self, grids: torch.Tensor, req: ImageGenerationRequest, masks=None) -> list[str]:
         return await self.pixels.render(grids, req.output_format, req.output_compression, masks)
@@ -186,7 +188,9 @@ class ImageService:
         if stats is None:
             reason = final.outputs[0].finish_reason if final is not None else "no output"
             raise RuntimeError(f"image request {job.request_id} ended without image stats ({reason})")
-        grid = self.requests.grid_from_output(final.outputs[0].token_ids, job.decoding, job.layout)
+        grid = self.requests.grid_from_output(
+            final.outputs[0].token_ids, job.decoding, job.layout, stats=stats
+        )
         finished = FinishedImage(job, grid, stats, time.perf_counter() - start)
         self._record(finished)
         return finished

@@ -136,6 +136,10 @@ class PartialGrid:
     def __init__(self, service: ImageService, job: ImageJob) -> None:
         layout, decoding = job.layout, job.decoding
         cells = plan_shape(layout, decoding.window, decoding.uncond_prompt_len).output_cells
+        if decoding.drafts:
+            # A draft image's output holds guesses and superseded tokens; its grid is known when it is done
+            # (ImageStats.tokens), so its partial images stay blank.
+            cells = ()
         # For each output token, the raster index of the cell it carries (None: a proxy, a twin, an EOL).
         self._slots = [None if p is None else layout.image_index(p) for p in cells]
         self._shape = (layout.height, layout.width)

@@ -6,8 +6,8 @@ OpenAI fields: `model`, `prompt` (class-to-image models: a class index or class 
 `stream`, `partial_images` (0-3), `user`; `quality`, `background` ("transparent" is refused), `moderation`
 and `style` are accepted and ignored. Extension fields sit at the top level of the body, as vLLM-Omni does:
 `seed`, `negative_prompt` (text-to-image), `guidance_scale` (alias `cfg_scale`), `cfg_interval`, `decoding`,
-`zipar_window`, `temperature`, `top_k`, `top_p`, `partial_frames` (like `partial_images`, up to 256: the
-playground's frames), and the debug field `return_tokens`. Anything else is a 400 naming it.
+`zipar_window`, `zipar_drafts`, `temperature`, `top_k`, `top_p`, `partial_frames` (like `partial_images`, up
+to 256: the playground's frames), and the debug field `return_tokens`. Anything else is a 400 naming it.
 
 Every check raises `ImageAPIError`, which carries the HTTP status and OpenAI's error body (`message`, `type`,
 `param`, `code`): nothing malformed may reach the engine core, where an exception ends the engine, and nothing
@@ -31,6 +31,7 @@ MAX_PARTIAL_FRAMES = 256  # extension `partial_frames`: OpenAI's 3 partial image
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED_FIELDS = ("quality", "moderation", "style")
 MAX_TEMPERATURE = 2.0  # vLLM's own bound (SamplingParams), checked here so the error is ours
+MAX_ZIPAR_DRAFTS = 1 << 12  # guesses per chain per pass; the engine cuts them to its budgets anyway
 MAX_CFG_SCALE = 50.0  # far above useful ones (LlamaGen: 1.5-4); 1e308 overflowed the logits: a blank image
 
 
@@ -95,6 +96,7 @@ class ImageGenerationRequest:
     cfg_interval: int | None = None
     decoding: str | None = None
     zipar_window: int | None = None
+    zipar_drafts: int | None = None
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
@@ -110,6 +112,7 @@ class ImageGenerationRequest:
             "top_p": self.top_p,
             "decoding": self.decoding,
             "zipar_window": self.zipar_window,
+            "zipar_drafts": self.zipar_drafts,
             "cfg_scale": self.cfg_scale,
             "cfg_interval": self.cfg_interval,
         }
@@ -319,6 +322,7 @@ def parse_request(
         cfg_interval=_int(body, "cfg_interval", -1, limits.max_cfg_interval),
         decoding=decoding,
         zipar_window=zipar_window,
+        zipar_drafts=_int(body, "zipar_drafts", 0, MAX_ZIPAR_DRAFTS),
         temperature=temperature,
         top_k=_int(body, "top_k", 0, limits.max_top_k),
         top_p=top_p,
@@ -328,7 +332,8 @@ def parse_request(
 
 def param_of_engine_error(message: str) -> str | None:
     """Which request field a `ValueError` from `ImageRequests.request_inputs` is about."""
-    for param in ("zipar_window", "cfg_interval", "cfg_scale", "temperature", "top_p", "top_k", "decoding"):
+    params = ("zipar_window", "zipar_drafts", "cfg_interval", "cfg_scale", "temperature", "top_p", "top_k")
+    for param in (*params, "decoding"):
         if param in message:
             return param
     if "max_num_batched_tokens" in message:

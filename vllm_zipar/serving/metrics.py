@@ -27,7 +27,25 @@ CELLS_PER_PASS = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
     registry=None,
 )
-COLLECTORS = (IMAGES, PASSES_PER_IMAGE, CELLS_PER_PASS)
+# Exact drafts (docs/exact_drafts.md; conditional stream): what the drafts cost and how many were right.
+# With drafts, `CELLS_PER_PASS` counts the cells whose value became final in the pass.
+FED_TOKENS = Counter(
+    "vllm:zipar_draft_images_fed_tokens",
+    "Tokens fed after the prefill by images decoded with drafts.",
+    ["decoding"],
+    registry=None,
+)
+DRAFT_TOKENS = Counter("vllm:zipar_draft_tokens", "Guessed tokens fed (drafts).", ["decoding"], registry=None)
+ACCEPTED_DRAFTS = Counter(
+    "vllm:zipar_draft_tokens_accepted", "Drafts whose value turned out final.", ["decoding"], registry=None
+)
+SUPERSEDED = Counter(
+    "vllm:zipar_superseded_kv_slots",
+    "KV slots of tokens a later token at the same position replaced.",
+    ["decoding"],
+    registry=None,
+)
+COLLECTORS = (IMAGES, PASSES_PER_IMAGE, CELLS_PER_PASS, FED_TOKENS, DRAFT_TOKENS, ACCEPTED_DRAFTS, SUPERSEDED)
 
 
 def ensure_registered() -> None:
@@ -46,3 +64,8 @@ def record_image(stats: ImageStats) -> None:
     histogram = CELLS_PER_PASS.labels(label)
     for cells in stats.cells_per_pass:
         histogram.observe(cells)
+    if stats.drafts:
+        FED_TOKENS.labels(label).inc(stats.fed)
+        DRAFT_TOKENS.labels(label).inc(stats.draft_tokens)
+        ACCEPTED_DRAFTS.labels(label).inc(stats.accepted)
+        SUPERSEDED.labels(label).inc(stats.superseded)

@@ -47,16 +47,17 @@ class ImageGenerator:
         *,
         decoding: str = "zipar",
         zipar_window: int | None = 8,
+        zipar_drafts: int = 0,
         **engine_kwargs: Any,
     ) -> None:
-        """`decoding`/`zipar_window` are the engine defaults; each `generate` call may override them.
-        `engine_kwargs` go to `vllm.LLM` over ours (`image_engine_args`; `hf_overrides` is merged)."""
+        """`decoding`/`zipar_window`/`zipar_drafts` are the engine defaults; each `generate` call may override
+        them. `engine_kwargs` go to `vllm.LLM` over ours (`image_engine_args`; `hf_overrides` is merged)."""
         from vllm import LLM
 
         self.model_dir = Path(model_dir)
         self.model = load_image_model(self.model_dir)
         self.config = self.model.hf_config
-        self.default_decoding = ImageDecoding.parse(decoding, zipar_window)
+        self.default_decoding = ImageDecoding.parse(decoding, zipar_window).with_drafts(zipar_drafts)
         kwargs = image_engine_args(self.model, self.default_decoding, engine_kwargs)
         self.llm = LLM(**kwargs)
         self.requests = ImageRequests(self.model, self.default_decoding, self.token_budget)
@@ -85,7 +86,8 @@ class ImageGenerator:
         **request_kwargs: Any,
     ) -> list[GeneratedImage]:
         """One token grid per prompt (class labels or text); `temperature=0` is greedy. Keyword arguments:
-        `ImageRequests.image_request` (`size`, `negative_prompt`, `decoding`, `zipar_window`, ...)."""
+        `ImageRequests.image_request` (`size`, `negative_prompt`, `decoding`, `zipar_window`, `zipar_drafts`,
+        ...)."""
         prompts = list(prompts)
         seed_list = list(seeds) if seeds is not None else [None] * len(prompts)
         if len(seed_list) != len(prompts):
@@ -158,7 +160,7 @@ class ImageGenerator:
             request_id=out.request_id,
             prompt=prompt,
             seed=seed,
-            tokens=self.requests.grid_from_output(out.outputs[0].token_ids, decoding, layout),
+            tokens=self.requests.grid_from_output(out.outputs[0].token_ids, decoding, layout, stats=stats),
             passes=stats.passes,
             cells_per_pass=list(stats.cells_per_pass),
             cfg_scale=stats.cfg_scale,

@@ -32,7 +32,7 @@ ROUTE_FLAGS = {
     "--max-header-bytes": ("VLLM_ZIPAR_MAX_HEADER_BYTES", int),
     "--request-header-timeout": ("VLLM_ZIPAR_REQUEST_HEADER_TIMEOUT", float),
 }
-OUR_FLAGS = ("--decoding", "--zipar-window", *ROUTE_FLAGS)
+OUR_FLAGS = ("--decoding", "--zipar-window", "--zipar-drafts", *ROUTE_FLAGS)
 # Taken out of argv and given back merged with the family's (engine_args.merge_hf_overrides).
 HF_OVERRIDES = "--hf-overrides"
 
@@ -150,6 +150,7 @@ def engine_flags(
     window: int | None,
     argv: Sequence[str],
     user_hf_overrides: dict[str, Any] | None = None,
+    drafts: int = 0,
 ) -> list[str]:
     """The `vllm serve` flags our engine arguments become, leaving out every one the user set (`argv`);
     `--hf-overrides` is the family's merged with `user_hf_overrides` (already taken out of `argv`)."""
@@ -161,7 +162,7 @@ def engine_flags(
         model = load_image_model(model_dir)
     except (OSError, TypeError, ValueError) as err:
         raise CommandError(f"--decoding needs a vllm-zipar model directory; {model_dir}: {err}") from err
-    chosen = ImageDecoding.parse(decoding, window)
+    chosen = ImageDecoding.parse(decoding, window).with_drafts(drafts)
     user_set = {}
     for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"):
         if _has_flag(argv, "--" + key.replace("_", "-")):
@@ -261,11 +262,17 @@ def serve_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[s
         raise CommandError(f"--decoding must be 'zipar' or 'ntp', got {decoding!r}")
     if window is not None and window < 1:
         raise CommandError(f"--zipar-window must be an integer >= 1, got {window}")
+    drafts = 0
+    if "--zipar-drafts" in ours:  # exact drafts (docs/exact_drafts.md): the server's default per request
+        value = ours["--zipar-drafts"]
+        drafts = int(value) if value.isdigit() else -1
+        if drafts < 0:
+            raise CommandError(f"--zipar-drafts must be an integer >= 0, got {value!r}")
     model = model_of(rest)
     if model is None or not Path(model, "config.json").is_file():
         raise CommandError(f"--decoding needs a model directory with a config.json, got {model!r}")
     rest, user_hf_overrides = take_hf_overrides(rest)
-    flags = engine_flags(model, decoding, window, rest, user_hf_overrides)
+    flags = engine_flags(model, decoding, window, rest, user_hf_overrides, drafts)
     allow_our_route(environ)
     return rest + flags
 

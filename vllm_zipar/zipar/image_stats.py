@@ -24,7 +24,14 @@ class ImageStats:
     prompt_len: int  # the conditional prompt's tokens
     uncond_prompt_len: int | None  # the unconditional prompt's tokens (None: unguided)
     passes: int  # engine forward passes, prefill included
-    cells_per_pass: tuple[int, ...]  # grid cells sampled in each pass
+    cells_per_pass: tuple[int, ...]  # grid cells sampled in each pass (with drafts: whose value became final)
+    # Exact drafts (docs/exact_drafts.md §8; conditional stream: a guided image feeds every token twice).
+    drafts: int = 0  # zipar_drafts: guesses per chain per pass (0: none, and the fields below stay 0)
+    fed: int = 0  # logical tokens fed after the prefill
+    draft_tokens: int = 0  # of which guesses
+    accepted: int = 0  # guesses that turned out final
+    superseded: int = 0  # KV slots whose token a later one at its position replaced
+    tokens: tuple[int, ...] | None = None  # the H*W grid (vocabulary ids, raster order) of a draft image
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,7 +43,18 @@ class ImageStats:
             "uncond_prompt_len": self.uncond_prompt_len,
             "passes": self.passes,
             "cells_per_pass": list(self.cells_per_pass),
-        }
+        } | (
+            {}
+            if not self.drafts
+            else {
+                "drafts": self.drafts,
+                "fed": self.fed,
+                "draft_tokens": self.draft_tokens,
+                "accepted": self.accepted,
+                "superseded": self.superseded,
+                "tokens": None if self.tokens is None else list(self.tokens),
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageStats:
@@ -50,6 +68,12 @@ class ImageStats:
             uncond_prompt_len=data["uncond_prompt_len"],
             passes=int(data["passes"]),
             cells_per_pass=tuple(int(cells) for cells in data["cells_per_pass"]),
+            drafts=int(data.get("drafts", 0)),
+            fed=int(data.get("fed", 0)),
+            draft_tokens=int(data.get("draft_tokens", 0)),
+            accepted=int(data.get("accepted", 0)),
+            superseded=int(data.get("superseded", 0)),
+            tokens=None if data.get("tokens") is None else tuple(int(t) for t in data["tokens"]),
         )
 
     @classmethod
