@@ -4,13 +4,17 @@ Built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`, ni
 engine needs it, for this machine's CPU (`-march=native`), into PyTorch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`, under a name that includes a digest of the CPU's
 instruction-set flags); later starts load it in milliseconds.
-`scripts/install.sh` builds it once so that no engine start pays for the compile. Where it cannot be
+`scripts/install.sh` builds it once so that no engine start pays for the compile. PyTorch's builder guards
+a build with a plain `lock` file that a killed build leaves behind, and every later start then waits on it
+forever; builds here are serialised by an OS file lock instead (the kernel drops it when its holder dies), so
+a `lock` file found while holding it is stale and is removed. Where it cannot be
 built (no compiler) or is switched off (`VLLM_ZIPAR_MASKED_KERNEL=0`), attention.py falls back to the
 PyTorch path, which is exact too but slower: one warning says so.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -42,6 +46,24 @@ def cpu_tag() -> str:
     return hashlib.sha256("\n".join(wanted or [platform.machine()]).encode()).hexdigest()[:10]
 
 
+def extension_build_directory(name: str) -> Path:
+    """Where the kernel is built: `TORCH_EXTENSIONS_DIR` (or PyTorch's default root) / name, created."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    directory = Path(root) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def remove_stale_lock(build_directory: Path) -> None:
+    """Remove PyTorch's build `lock` file; call only while holding the directory's OS lock."""
+    stale = build_directory / "lock"
+    if stale.exists():
+        logger.warning("vllm-zipar: removing a stale kernel build lock left by a killed build: %s", stale)
+        stale.unlink(missing_ok=True)
+
+
 @functools.cache
 def load_masked_kernel() -> bool:
     """Build (once per machine) and load the kernel; False, with one warning, if that is not possible."""
@@ -49,15 +71,21 @@ def load_masked_kernel() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    name = f"vllm_zipar_masked_attention_{cpu_tag()}"
     try:
-        cpp_extension.load(
-            name=f"vllm_zipar_masked_attention_{cpu_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build_directory = extension_build_directory(name)
+        with open(build_directory / "vllm_zipar.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # waits while another process builds; released at its death
+            remove_stale_lock(build_directory)
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_directory),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # a missing compiler or headers: the PyTorch path still works
         logger.warning(
             "vllm-zipar: could not build the masked attention kernel (%s); using the slower PyTorch path",
