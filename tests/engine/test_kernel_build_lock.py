@@ -1,5 +1,6 @@
-"""A build killed mid-way leaves PyTorch's `lock` file in the kernel's build directory; the next engine start
-must not wait on it forever (masked_kernel.py serialises builds with an OS lock and removes the stale file)."""
+"""A build killed mid-way leaves PyTorch's `lock` file in the kernel's build directory; the next engine
+start must not wait on it forever (masked_kernel.py serialises builds with an OS lock, removes the stale
+file)."""
 
 from __future__ import annotations
 

@@ -137,3 +137,19 @@ def check_prefix_salts(generator: ImageGenerator) -> None:
     while generator.has_unfinished_requests():
         generator.step()
     assert kv_cache_usage(generator) == 0.0
+
+
+def test_an_image_longer_than_max_model_len_is_refused_before_the_engine(tmp_path_factory):
+    # Guided ZipAR-4 on 8x8 holds 141 tokens; at max_model_len 131 vLLM failed an assertion on the last
+    # sampled token, which killed the engine.
+    model_dir, oracle = model_and_oracle(tmp_path_factory, "capped")
+    generator = ImageGenerator(
+        model_dir, block_size=32, num_gpu_blocks_override=7, max_model_len=131, disable_log_stats=False
+    )
+    with generator:
+        with pytest.raises(ValueError, match="needs a sequence of 141 tokens"):
+            generator.add_request("guided", 3, zipar_window=4, cfg_scale=3.0, seed=1)
+        requests = [(3, 4, 7)]
+        finished = run_staggered(generator, as_requests(requests), every=1, batch=1)
+        check_against_reference(oracle, requests, finished)
+        assert kv_cache_usage(generator) == 0.0

@@ -10,6 +10,7 @@ from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.llamagen_config import LlamaGenConfig
 from vllm_zipar.models.llamagen_image_model import LlamaGenImageModel
 from vllm_zipar.serving.image_requests import ImageRequests
+from vllm_zipar.serving.images_protocol import param_of_engine_error
 
 
 def requests_on(monkeypatch, platform: FakePlatform) -> ImageRequests:
@@ -64,3 +65,21 @@ def test_a_window_beyond_the_grids_cells_is_refused(monkeypatch):
     assert requests.image_request(3, zipar_window=64, cfg_scale=1.0).decoding.window == 64  # 8x8: the bound
     with pytest.raises(ValueError, match=r"zipar_window must be in 1\.\.64 .* got 65"):
         requests.image_request(3, zipar_window=65, cfg_scale=1.0)
+
+
+def requests_capped_at(max_model_len: int) -> ImageRequests:
+    config = LlamaGenConfig(dim=64, n_layer=1, n_head=2, grid_size=8, num_classes=10, codebook_size=64)
+    model = LlamaGenImageModel(".", config)
+    default = ImageDecoding.parse("zipar", 4)
+    return ImageRequests(model, default, token_budget=2048, max_model_len=max_model_len)
+
+
+def test_an_image_longer_than_max_model_len_is_refused_naming_its_size():
+    # Guided ZipAR-4 on 8x8: 2 prompt tokens, then 139 fed or sampled cells over both streams (141 in all);
+    # vLLM would cut the sequence short at 140 (the image never finishes) and fail an assertion at 131.
+    guided = {"zipar_window": 4, "cfg_scale": 3.0}
+    requests_capped_at(141).request_inputs(3, **guided)
+    with pytest.raises(ValueError, match=r"needs a sequence of 141 tokens .*max_model_len=140") as refused:
+        requests_capped_at(140).request_inputs(3, **guided)
+    assert param_of_engine_error(str(refused.value)) == "size"
+    requests_capped_at(140).request_inputs(3, zipar_window=4, cfg_scale=1.0)  # one stream fits

@@ -38,10 +38,17 @@ class ImageRequest:
 class ImageRequests:
     """Builds and reads the vLLM requests of one served image model."""
 
-    def __init__(self, model: ImageModel, default_decoding: ImageDecoding, token_budget: int) -> None:
+    def __init__(
+        self,
+        model: ImageModel,
+        default_decoding: ImageDecoding,
+        token_budget: int,
+        max_model_len: int | None = None,
+    ) -> None:
         self.model = model
         self.default_decoding = default_decoding
         self.token_budget = token_budget
+        self.max_model_len = max_model_len
 
     def sampling_params(
         self,
@@ -142,6 +149,7 @@ class ImageRequests:
             uncond_ids = []
         layout = model.layout(len(prompt_ids), chosen_size.grid)
         chosen.check_fits(layout, self.token_budget)
+        self.check_sequence_fits(chosen, layout)
         if chosen.needs_masked_attention(layout) and not has_zipar_attention():
             # The platform's own attention would silently attend causally: wrong tokens, not an error.
             raise ValueError(
@@ -156,6 +164,18 @@ class ImageRequests:
             chosen, layout, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p
         )
         return ImageRequest(engine_prompt, params, chosen, layout, chosen_size)
+
+    def check_sequence_fits(self, decoding: ImageDecoding, layout: GridLayout) -> None:
+        """Refuse an image whose KV sequence (prompts and every fed cell; a guided image holds both streams)
+        would outgrow the engine's `max_model_len`: vLLM would cut it short, or fail on its last token."""
+        needed = decoding.min_sequence_len(layout)
+        if self.max_model_len is not None and needed > self.max_model_len:
+            guided = " (both streams of a guided image)" if decoding.guidance else ""
+            raise ValueError(
+                f"this image needs a sequence of {needed} tokens{guided}, more than the engine's "
+                f"max_model_len={self.max_model_len}: ask for a smaller size, or start the engine with a "
+                "larger max_model_len"
+            )
 
     def request_inputs(self, prompt: str | int, **kwargs: Any):
         """`(vLLM prompt, SamplingParams)` of one image (see `image_request`)."""

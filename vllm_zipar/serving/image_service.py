@@ -81,12 +81,13 @@ class ImageService:
         served_names: Sequence[str],
         token_budget: int,
         default_decoding: ImageDecoding,
+        max_model_len: int | None = None,
     ) -> None:
         self.engine = engine_client
         self.model = model
         self.model_dir = Path(model.model_dir)
         self.served_names = list(served_names)
-        self.requests = ImageRequests(model, default_decoding, token_budget)
+        self.requests = ImageRequests(model, default_decoding, token_budget, max_model_len)
         self.native_size = model.native_size.name
         self.sizes = [size.name for size in model.sizes()]
         cells = max(size.grid[0] * size.grid[1] for size in model.sizes())
@@ -118,7 +119,7 @@ class ImageService:
         served = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or model_dir]
         budget = vllm_config.scheduler_config.max_num_batched_tokens
         default = ImageDecoding.parse(decoding, window).with_drafts(drafts)
-        return cls(engine_client, model, served, budget, default)
+        return cls(engine_client, model, served, budget, default, vllm_config.model_config.max_model_len)
 
     async def render(self, grids: torch.Tensor, req: ImageGenerationRequest, masks=None) -> list[str]:
         return await self.pixels.render(grids, req.output_format, req.output_compression, masks)

@@ -338,6 +338,8 @@ def param_of_engine_error(message: str) -> str | None:
             return param
     if "max_num_batched_tokens" in message:
         return "zipar_window"
+    if "max_model_len" in message:
+        return "size"
     if "class" in message:
         return "prompt"
     return None

@@ -60,7 +60,10 @@ class ImageGenerator:
         self.default_decoding = ImageDecoding.parse(decoding, zipar_window).with_drafts(zipar_drafts)
         kwargs = image_engine_args(self.model, self.default_decoding, engine_kwargs)
         self.llm = LLM(**kwargs)
-        self.requests = ImageRequests(self.model, self.default_decoding, self.token_budget)
+        model_config = self.llm.llm_engine.vllm_config.model_config
+        self.requests = ImageRequests(
+            self.model, self.default_decoding, self.token_budget, model_config.max_model_len
+        )
         self._vq = None
         self._submitted: dict[str, tuple[str | int, int | None]] = {}
 
