@@ -94,3 +94,38 @@ def test_greedy_rows_are_the_argmax_and_random_rows_need_a_seed():
     assert greedy == logits.argmax(-1).tolist()
     with pytest.raises(ValueError, match="seed"):
         sample_cells(logits, [0.0, 1.0], [0, 0], [1.0, 1.0], [None, None], [0, 1])
+
+
+@pytest.mark.parametrize("vocab,k", [(16384, 2000), (32768, 2048), (256, 64)])
+def test_top_k_rows_race_over_their_candidates_and_draw_the_oracles_tokens(vocab, k):
+    # Half the rows: their k candidates all share one logit, so the noise alone decides, and two candidates
+    # of one cell often draw the same 24-bit uniform (a tie the full row's argmax gives to the lower code).
+    # The other half: ties at the k-th value, where more than k entries are kept.
+    gen = torch.Generator().manual_seed(k)
+    rows = 48
+    logits = torch.randn(rows, vocab, generator=gen) - 5.0
+    for row in range(0, rows, 2):
+        logits[row, torch.randperm(vocab, generator=gen)[:k]] = 1.0
+    logits[1::2] = logits[1::2].mul(2.0).round()  # coarse values: many ties at the k-th
+    cells = [(1.0, k, 1.0, 11 + row // 8, 3 * row) for row in range(rows)]
+    assert engine_tokens(logits, cells) == oracle_tokens(logits, cells)
+
+
+def test_the_candidate_race_breaks_ties_as_the_full_rows_argmax_does():
+    # Two codes of one cell that draw the same uniform bits, given equal logits and made the only top-k
+    # candidates: their p / E tie exactly, and the full row's argmax takes the lower code.
+    from vllm_zipar.engine.noise import cell_keys, uniform_bits
+
+    vocab, seed = 4096, 5
+    for position in range(400):
+        bits = uniform_bits(cell_keys(torch.tensor([seed]), torch.tensor([position])), vocab)[0]
+        values, counts = bits.unique(return_counts=True)
+        if (counts > 1).any():
+            break
+    pair = (bits == values[counts > 1][0]).nonzero().flatten()[:2].tolist()
+    for order in (pair, pair[::-1]):
+        logits = torch.full((2, vocab), -9.0)
+        logits[:, order] = torch.tensor([0.0, 0.0])
+        logits[1, order[0]] = 0.0
+        cells = [(1.0, 2, 1.0, seed, position)] * 2
+        assert engine_tokens(logits, cells) == oracle_tokens(logits, cells) == [min(pair)] * 2

@@ -46,8 +46,14 @@ def cell_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def uniform_bits(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[cells, vocab]` int64: the top UNIFORM_BITS of splitmix64's outputs 1..vocab from each key."""
-    counters = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * _GAMMA
-    x = keys.to(torch.int64)[:, None] + counters
+    codes = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    return uniform_bits_at(keys, codes[None, :])
+
+
+def uniform_bits_at(keys: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`uniform_bits` of only the given vocabulary entries: `codes` int64 `[cells, n]` (or `[1, n]`, shared),
+    output number `code + 1` from each cell's key; equal bit for bit to those columns of `uniform_bits`."""
+    x = keys.to(torch.int64)[:, None] + (codes + 1) * _GAMMA
     scratch = torch.empty_like(x)
     x = _xor_shift_right(x, MIX_SHIFTS[0], scratch).mul_(_MULTIPLIERS[0])
     x = _xor_shift_right(x, MIX_SHIFTS[1], scratch).mul_(_MULTIPLIERS[1])
@@ -67,3 +73,8 @@ def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
 def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[cells, vocab]` float32 Exp(1) noise of each cell's vocabulary entries, on the inputs' device."""
     return exponential_from_bits(uniform_bits(cell_keys(seeds, positions), vocab))
+
+
+def exponential_noise_at(seeds: torch.Tensor, positions: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`[cells, n]` float32 Exp(1) noise of the vocabulary entries `codes` ([cells, n] int64) of each cell."""
+    return exponential_from_bits(uniform_bits_at(cell_keys(seeds, positions), codes))

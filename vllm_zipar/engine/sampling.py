@@ -7,6 +7,11 @@ code) (`vllm_zipar.engine.noise`). vLLM's own sampler keys its noise by request 
 image depend on how its cells were batched; this one does not, and it reads nothing back from the device
 until the tokens are done. Per-row choices (which rows are greedy, which use top-k or top-p) come from the
 host lists, so no branch waits on the device.
+
+Under top-k (no top-p) on the CPU, the race is run over the k candidates only: every other entry has
+probability 0, so `0 / E` can never win, and the noise (the costliest part: a hash and a float64 log per
+entry) is drawn for k entries instead of the whole vocabulary. The probabilities are still the softmax of
+the whole masked row, and ties go to the lowest code as `argmax` would: the same token, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_zipar.engine.noise import as_int64, exponential_noise
+from vllm_zipar.engine.noise import as_int64, exponential_noise, exponential_noise_at
 
 
 def keep_top_k(scaled: torch.Tensor, top_ks: Sequence[int]) -> torch.Tensor:
@@ -92,10 +97,40 @@ def _race(logits, temperatures, top_ks, top_ps, seeds, positions) -> torch.Tenso
     temperature = torch.tensor(temperatures, dtype=torch.float32, device=device)
     keys = torch.tensor([seeds, positions], dtype=torch.int64, device=device)
     scaled = logits / temperature[:, None]
+    vocab = logits.shape[-1]
+    k = top_ks[0]
+    if (
+        device.type == "cpu"
+        and 0 < k <= vocab // SPARSE_FRACTION
+        and all(other == k for other in top_ks)
+        and all(p >= 1.0 for p in top_ps)
+    ):
+        tokens = _race_top_k_candidates(scaled, k, keys)
+        if tokens is not None:
+            return tokens
     scaled = keep_top_k(scaled, top_ks)
     scaled = keep_top_p(scaled, top_ps)
     probs = scaled.softmax(dim=-1)
-    return (probs / exponential_noise(keys[0], keys[1], logits.shape[-1])).argmax(dim=-1)
+    return (probs / exponential_noise(keys[0], keys[1], vocab)).argmax(dim=-1)
+
+
+# Top-k rows with k at most vocab / SPARSE_FRACTION race over their candidates only (see the module note).
+SPARSE_FRACTION = 4
+
+
+def _race_top_k_candidates(scaled: torch.Tensor, k: int, keys: torch.Tensor) -> torch.Tensor | None:
+    """`_race` for rows that share top-k `k` and no top-p, drawing noise for the k candidates only; None
+    when a row ties at its k-th value (more than k entries kept: the full race decides)."""
+    values, codes = scaled.topk(k, dim=-1, sorted=False)
+    kth = values.amin(dim=-1, keepdim=True)
+    kept = scaled >= kth  # keep_top_k's mask
+    if bool((kept.sum(dim=-1) != k).any()):
+        return None
+    probs = scaled.masked_fill_(~kept, float("-inf")).softmax(dim=-1)
+    ratios = probs.gather(1, codes) / exponential_noise_at(keys[0], keys[1], codes)
+    best = ratios.amax(dim=-1, keepdim=True)
+    # argmax over the whole row returns the lowest code among equal maxima; topk's order is arbitrary.
+    return torch.where(ratios == best, codes, scaled.shape[-1]).amin(dim=-1)
 
 
 def sample_cells(
