@@ -10,14 +10,16 @@ together through `ImageGenerator.step` (one `LLMEngine.step` each) until they fi
 are done (then the rest are aborted: Emu3's 8,100-pass NTP image is profiled over its first steps only).
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and the benchmark wraps the functions
-of each phase with perf_counter timers, on the instances of one engine only (nothing in vLLM or vllm_zipar
-is changed, and the wrappers go away with the engine). Every timer is exclusive: a phase gets its function's
-time less the time of the timed functions it calls, so the phases of a step add up to the step exactly,
-"other" being what no timer covers (the engine's own glue between the phases).
+of each phase with perf_counter timers, on the instances of one engine (and on vllm_zipar's
+`ImageKeyMetadata.mask`) while it profiles; nothing in vLLM is changed and every wrapper is removed after.
+Every timer is exclusive: a phase gets its function's time less the time of the timed functions it calls,
+so the phases of a step add up to the step exactly, "other" being what no timer covers (the engine's own
+glue between the phases). "details" hold single functions' inclusive times (overlapping, not additive).
 
     scheduling    ZipARScheduler.schedule (our plans and step inputs included)
     input_prep    the runner's execute_model less the forward and the logits: _update_states,
-                  _prepare_inputs, the attention metadata (ZipAR masks), _preprocess
+                  _prepare_inputs, the attention metadata, _preprocess; and the step's ZipAR masks and
+                  the stock kernel's cut-down metadata, which the first attention layer builds for all
     attention     every attention layer's impl.forward (stock kernel + the masked kernel) and KV cache write
     forward_rest  the model's forward less attention (embeddings, projections, MLPs, norms)
     logits        model.compute_logits, the visual-column slice and the CFG combine (guided_logits)
@@ -210,6 +212,7 @@ def instrument(generator) -> StepClock:
     """Timers on the in-process engine of `generator` (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     import vllm_zipar.engine.attention as zipar_attention
     import vllm_zipar.engine.runner as zipar_runner
+    from vllm_zipar.engine.attention_mask import ImageKeyMetadata
 
     engine = generator.llm.llm_engine
     core = engine.engine_core.engine_core  # InprocClient -> EngineCore
@@ -247,6 +250,12 @@ def instrument(generator) -> StepClock:
         if hasattr(impl, "do_kv_cache_update"):
             clock.wrap(impl, "do_kv_cache_update", "attention", "attention: kv cache write")
     clock.wrap(zipar_attention, "masked_paged_attention", "attention", "attention: masked kernel")
+    # Host work the first attention layer of a step does once for all layers: the step's inputs, so
+    # input_prep. The masks are built lazily per request (our class, wrapped while this engine profiles).
+    clock.wrap(ImageKeyMetadata, "mask", "input_prep", "input_prep: ZipAR masks (host, in layer 0)")
+    for impl in impls.values():
+        if hasattr(impl, "_stock_metadata"):
+            clock.wrap(impl, "_stock_metadata", "input_prep", "input_prep: stock metadata (in layer 0)")
     clock.wrap(engine.output_processor, "process_outputs", "output")
     return clock
 
