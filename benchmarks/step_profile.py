@@ -352,7 +352,7 @@ def plot(name: str, rows: list[dict[str, Any]]) -> Path:
 
     labels = [row["label"] for row in rows]
     means = [row["steady_steps"] or row["all_steps"] for row in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 2.0), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 2.4), sharey=True)
     for ax, key, title in (
         (axes[0], "phases_ms_per_step", "ms per step (steady steps)"),
         (axes[1], "phases_ms_per_token", "ms per scheduled token"),
@@ -363,7 +363,8 @@ def plot(name: str, rows: list[dict[str, Any]]) -> Path:
             ax.barh(labels, values, left=left, color=colour, label=phase)
             left = [a + b for a, b in zip(left, values, strict=True)]
         for y, (x, mean) in enumerate(zip(left, means, strict=True)):
-            note = f"{x:.3g}" + (
+            note = f"{x:.3f}" if key == "phases_ms_per_token" else f"{x:.1f}"
+            note += (
                 f"  ({mean['tokens_per_step']:.0f} tok, {mean['cells_per_step']:.0f} cells)"
                 if key == "phases_ms_per_step"
                 else ""
@@ -372,9 +373,15 @@ def plot(name: str, rows: list[dict[str, Any]]) -> Path:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     axes[0].invert_yaxis()  # the first scenario on top (the axes share y: once)
-    axes[1].legend(fontsize=8, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(PHASES), fontsize=8)
     fig.suptitle("Where a step's time goes (vLLM engine in-process, CPU)", fontsize=11)
-    return common.save_figure(fig, name)
+    fig.tight_layout()
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = common.RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the legend below the axes
+    plt.close(fig)
+    return path
 
 
 def scenarios(specs: list[ModelSpec], in_flight: list[int], patterns: list[str]) -> list[Scenario]:
