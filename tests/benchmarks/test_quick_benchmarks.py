@@ -94,3 +94,38 @@ def test_sampling_cost_quick_times_every_scenario_and_checks_the_noise(tmp_path)
     assert checks["uniforms_checked"] == 1 << 16 and checks["cell_values_checked"] == 4 * 16384
     assert checks["log_mismatches_vs_numpy"] == 0 and checks["cell_mismatches_device_vs_host"] == 0
     assert "before/after" in out
+
+
+def test_step_profile_quick_splits_every_step_into_all_phases(tmp_path):
+    out = run(tmp_path, "step_profile.py", "--quick", "--out", str(tmp_path))
+    assert "[profile]" in out
+    result = json.loads((tmp_path / "step_profile_quick.json").read_text())
+    phases = [
+        "scheduling",
+        "input_prep",
+        "attention",
+        "forward_rest",
+        "logits",
+        "sampling",
+        "output",
+        "other",
+    ]
+    assert result["phases"] == phases
+    expected = [
+        f"{model}/{decoding}/{guidance}/{n}"
+        for model in ("small-16", "emu3-small-16")
+        for decoding in ("ntp", "zipar4")
+        for guidance in ("unguided", "guided")
+        for n in (1, 2)
+    ]
+    assert [row["scenario"] for row in result["rows"]] == expected
+    for row in result["rows"]:
+        assert row["all_steps"]["steps"] == result["max_steps"]
+        for summary in (row["all_steps"], row["steady_steps"]):
+            assert list(summary["phases_ms_per_step"]) == phases
+            assert all(ms >= 0 for ms in summary["phases_ms_per_step"].values())
+            # Exclusive timers: the phases of a step add up to no more than the step (float rounding aside).
+            assert sum(summary["phases_ms_per_step"].values()) <= summary["ms_per_step"] * (1 + 1e-9)
+            assert summary["max_phase_sum_over_total"] <= 1 + 1e-9
+            assert summary["tokens_per_step"] >= row["in_flight"] and summary["cells_per_step"] > 0
+    assert (tmp_path / "step_profile_quick.png").stat().st_size > 10_000
