@@ -142,3 +142,17 @@ def test_arrival_order_and_company_cannot_change_a_guided_image(grid8):
     label, kw = guided[0]
     assert torch.equal(alone[0].tokens, reference(oracle, label, 2, seed=31, cfg_scale=4.0))
     assert kv_cache_usage(generator) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1.3, 3.0, 7.5])
+def test_the_one_scale_fast_path_of_the_cfg_combine_is_the_reference_formula_bit_for_bit(scale):
+    from vllm_zipar.engine.runner import guided_logits
+
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(10, 4096, generator=gen) * 4
+    c, u = logits[:5], logits[5:]
+    combined = guided_logits(logits, 5, [(k, scale) for k in range(5)])
+    assert torch.equal(combined, u + scale * (c - u))
+    # Mixed scales (the general path) agree with it row by row.
+    mixed = guided_logits(logits, 5, [(k, scale if k % 2 else 2.0) for k in range(5)])
+    assert torch.equal(mixed[1::2], combined[1::2])

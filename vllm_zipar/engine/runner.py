@@ -204,6 +204,12 @@ def guided_logits(logits: torch.Tensor, num_samples: int, guides: list[tuple[int
     """Classifier-free guidance: rows `[0, num_samples)` are the sampled cells' conditional logits, row
     `num_samples + k` the unconditional logits of `guides[k] = (sample, scale)`; returns one row per sample,
     `u + scale * (c - u)` in float32 for the guided ones (the reference's formula and operation order)."""
+    scales = {scale for _, scale in guides}
+    if len(scales) == 1 and len(guides) == num_samples and all(g[0] == k for k, g in enumerate(guides)):
+        # Every sample guided, in order, at one scale (the usual step): no gather, scatter or copy.
+        (scale,) = scales
+        cond, uncond = logits[:num_samples].float(), logits[num_samples:].float()
+        return torch.sub(cond, uncond).mul_(scale).add_(uncond)  # u + scale * (c - u), bit for bit
     mixed = logits[:num_samples].float().clone()
     uncond = logits[num_samples:].float()
     for scale in sorted({scale for _, scale in guides}):
