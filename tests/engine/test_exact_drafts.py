@@ -243,4 +243,8 @@ def test_an_engine_serving_drafts_by_default_gets_room_for_them(tmp_path_factory
         (image,) = generator.generate([3], seeds=[21], cfg_scale=2.0, **SAMPLING)
         check_image(image, oracle, None, 4, scale=2.0)
         assert 2 * image.stats.fed > 162 and image.passes < zipar_passes(None)
+        # A request asking for L = 0 on this engine is plain NTP, not the engine's default drafts.
+        (plain,) = generator.generate([3], seeds=[21], cfg_scale=2.0, zipar_drafts=0, **SAMPLING)
+        assert torch.equal(plain.tokens, image.tokens)
+        assert plain.stats.drafts == plain.stats.fed == 0 and plain.passes == zipar_passes(None)
         assert kv_cache_usage(generator) == 0.0
