@@ -36,8 +36,11 @@ def test_drafts_round_trip_through_extra_args_and_default_to_none():
     assert extra["zipar_drafts"] == 3
     assert ImageDecoding.from_extra_args(extra, ("ntp", None)) == decoding
     plain = ImageDecoding.parse("zipar", 4)
-    assert "zipar_drafts" not in plain.to_extra_args()  # L = 0 requests carry exactly what they did before
+    assert plain.to_extra_args()["zipar_drafts"] == 0
     assert ImageDecoding.from_extra_args(plain.to_extra_args(), ("ntp", None)).drafts == 0
+    # A front-end's L = 0 request on an engine whose default has drafts stays plain ZipAR (the key used to
+    # be left out for L = 0, and the engine's default drafts applied).
+    assert ImageDecoding.from_extra_args(plain.to_extra_args(), ("ntp", None, 4)).drafts == 0
 
 
 def test_the_engine_default_applies_unless_a_request_says_otherwise():

@@ -19,6 +19,7 @@ from tests.engine.conftest import kv_cache_usage, tiny_model_with_oracle
 from tests.engine.staggered import assert_preempted_and_drained, decoding_kwargs, engine_on, run_staggered
 from tests.engine.test_guidance import reference as guided_reference
 from tests.engine.test_zipar_engine import SAMPLING
+from vllm_zipar.serving.engine_args import draft_headroom
 from vllm_zipar.zipar.draft_plan import DraftPlan
 from vllm_zipar.zipar.plan import zipar_steps
 
@@ -226,3 +227,24 @@ def test_a_wrong_finality_rule_changes_tokens(engine, monkeypatch):
     ]
     assert any(wrong)
     assert kv_cache_usage(generator) == 0.0
+
+
+def test_an_engine_serving_drafts_by_default_gets_room_for_them(tmp_path_factory):
+    """`ImageGenerator(zipar_drafts=L)` with no max_model_len: the family's 162 (plain ZipAR's guided
+    sequence) is raised by `draft_headroom`, so a guided seeded NTP image feeds more than 162 tokens of
+    guesses and keeps NTP's tokens in fewer passes (with 162 the drafts were cut to ~20 slots)."""
+    model_dir = tmp_path_factory.mktemp("drafts-default")
+    _, oracle = tiny_model_with_oracle(model_dir, seed=5, grid_size=GRID)
+    with engine_on(
+        "cpu", model_dir, decoding="ntp", zipar_drafts=4, max_num_seqs=4, kv_cache_memory_bytes=2 << 20
+    ) as generator:
+        cap = generator.llm.llm_engine.vllm_config.model_config.max_model_len
+        assert cap == generator.model.max_model_len() + draft_headroom(generator.model, 4) > 162
+        (image,) = generator.generate([3], seeds=[21], cfg_scale=2.0, **SAMPLING)
+        check_image(image, oracle, None, 4, scale=2.0)
+        assert 2 * image.stats.fed > 162 and image.passes < zipar_passes(None)
+        # A request asking for L = 0 on this engine is plain NTP, not the engine's default drafts.
+        (plain,) = generator.generate([3], seeds=[21], cfg_scale=2.0, zipar_drafts=0, **SAMPLING)
+        assert torch.equal(plain.tokens, image.tokens)
+        assert plain.stats.drafts == plain.stats.fed == 0 and plain.passes == zipar_passes(None)
+        assert kv_cache_usage(generator) == 0.0

@@ -11,6 +11,8 @@ from vllm_zipar.serving.engine_args import (
     HfOverridesError,
     deep_merge,
     default_dtype,
+    draft_headroom,
+    drafts_that_fit,
     image_engine_args,
     merge_hf_overrides,
 )
@@ -140,3 +142,40 @@ def test_a_callable_hf_overrides_cannot_be_merged_with_a_familys_dict(emu3, llam
     with pytest.raises(HfOverridesError, match="callable"):
         image_engine_args(emu3, DECODING, {"hf_overrides": rewrite})
     assert image_engine_args(llamagen, DECODING, {"hf_overrides": rewrite})["hf_overrides"] is rewrite
+
+
+# Exact drafts: the superseded guesses live in the request's KV sequence, so a family's max_model_len (sized
+# for plain ZipAR) would cut them to almost nothing (docs/exact_drafts.md §10).
+DRAFTING = DECODING.with_drafts(4)
+
+
+def test_default_drafts_raise_the_familys_max_model_len_and_its_position_cap(llamagen, emu3, caplog):
+    for model in (llamagen, emu3):
+        plain = image_engine_args(model, DECODING, {})["max_model_len"]
+        assert plain == model.max_model_len()
+        with caplog.at_level("INFO", logger="vllm.zipar.engine_args"):
+            args = image_engine_args(model, DRAFTING, {})
+        assert args["max_model_len"] == plain + draft_headroom(model, 4) > plain
+        assert f"max_model_len raised from {plain} to {args['max_model_len']}" in caplog.text
+        assert drafts_that_fit(model, args["max_model_len"]) == 4
+    # 2 streams x 4 drafts x the largest grid's positions (4x4 LlamaGen, EOL column counted: an upper bound).
+    assert draft_headroom(llamagen, 4) == 2 * 4 * 4 * 5
+    raised = image_engine_args(llamagen, DRAFTING, {})
+    assert raised["hf_overrides"] == {"max_position_embeddings": raised["max_model_len"]}
+    raised = image_engine_args(emu3, DRAFTING, {})
+    assert raised["hf_overrides"]["text_config"] == {"max_position_embeddings": raised["max_model_len"]}
+
+
+def test_a_users_max_model_len_wins_lifts_the_cap_and_warns_when_drafts_do_not_fit(llamagen, caplog):
+    short = llamagen.max_model_len() + draft_headroom(llamagen, 1)  # room for about one draft
+    with caplog.at_level("WARNING", logger="vllm.zipar.engine_args"):
+        args = image_engine_args(llamagen, DRAFTING, {"max_model_len": short})
+    assert args["max_model_len"] == short
+    assert args["hf_overrides"] == {"max_position_embeddings": short}  # no hf_overrides needed from the user
+    assert "zipar_drafts=4 with max_model_len=" in caplog.text and "room for about 1 drafts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.zipar.engine_args"):
+        image_engine_args(llamagen, DRAFTING, {"max_model_len": 10_000})
+        image_engine_args(llamagen, DECODING, {"max_model_len": 50})  # no drafts: nothing to warn about
+    assert caplog.text == ""
+    assert image_engine_args(llamagen, DECODING, {"max_model_len": 50})["max_model_len"] == 50

@@ -177,3 +177,18 @@ def test_hf_overrides_that_drop_our_model_class_are_refused_before_vllm_starts(e
 def test_without_decoding_hf_overrides_are_vllms(emu3_dir):
     argv = ["serve", emu3_dir, "--hf-overrides", '{"architectures": ["X"]}']
     assert serve_argv(argv, {}) == argv
+
+
+def test_zipar_drafts_raise_max_model_len_unless_the_user_gives_one(model_dir):
+    """A draft image's KV sequence holds its superseded guesses: `--zipar-drafts L` serves a longer
+    sequence than plain ZipAR's; a user's `--max-model-len` is kept and the position cap lifted to it."""
+    plain = int(value_of(serve_argv(["serve", model_dir, "--decoding", "ntp"], {}), "--max-model-len"))
+    drafting = serve_argv(["serve", model_dir, "--decoding", "ntp", "--zipar-drafts", "4"], {})
+    raised = int(value_of(drafting, "--max-model-len"))
+    assert raised > plain
+    assert json.loads(value_of(drafting, "--hf-overrides"))["max_position_embeddings"] == raised
+    given = serve_argv(
+        ["serve", model_dir, "--decoding", "ntp", "--zipar-drafts", "4", "--max-model-len=900"], {}
+    )
+    assert "--max-model-len" not in given and "--max-model-len=900" in given
+    assert json.loads(value_of(given, "--hf-overrides"))["max_position_embeddings"] == 900

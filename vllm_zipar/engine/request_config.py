@@ -130,8 +130,9 @@ class ImageDecoding:
             extra["cfg_scale"] = self.guidance.scale
             extra["cfg_uncond_prompt_len"] = self.guidance.uncond_prompt_len
             extra["cfg_interval"] = self.guidance.interval
-        if self.drafts:
-            extra["zipar_drafts"] = self.drafts
+        # Always written, 0 too: a missing key takes the engine's default, so an L = 0 request on a server
+        # started with --zipar-drafts would otherwise be decoded with the server's drafts.
+        extra["zipar_drafts"] = self.drafts
         return extra
 
     def with_guidance(self, guidance: Guidance | None) -> ImageDecoding:

@@ -161,10 +161,10 @@ class Emu3ImageModel(HFImageModel):
         # Both streams of a guided image: prompt, every row with its EOL, plus one KV-only feed per row.
         return 2 * (MAX_PROMPT_TOKENS + rows * (cols + 2))
 
-    def engine_args(self) -> dict[str, Any]:
+    def engine_args(self, max_model_len: int | None = None) -> dict[str, Any]:
         from vllm_zipar.models.emu3 import emu3_engine_overrides
 
-        return emu3_engine_overrides(self.hf_config, self.max_model_len())
+        return emu3_engine_overrides(self.hf_config, max_model_len or self.max_model_len())
 
     def load_decoder(self) -> Emu3PixelDecoder:
         return Emu3PixelDecoder(self.model_dir, self.visual_tokens)

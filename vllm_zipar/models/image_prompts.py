@@ -141,9 +141,11 @@ class ImagePrompts(Protocol):
     def max_model_len(self) -> int:
         """The longest KV sequence of a request: both guided streams of the largest grid, with row feeds."""
 
-    def engine_args(self) -> dict[str, Any]:
-        """vLLM engine arguments this family needs beyond the common ones (architecture, lengths)."""
-        return {"max_model_len": self.max_model_len()}
+    def engine_args(self, max_model_len: int | None = None) -> dict[str, Any]:
+        """vLLM engine arguments this family needs beyond the common ones (architecture, lengths), for
+        sequences up to `max_model_len` (default: `max_model_len()`; longer ones hold exact drafts'
+        superseded tokens, and a family lifts its config's position cap to match)."""
+        return {"max_model_len": max_model_len or self.max_model_len()}
 
     @abstractmethod
     def load_decoder(self) -> ImageDecoder:

@@ -156,10 +156,10 @@ class JanusImageModel(HFImageModel):
         # Both streams of a guided image: prompt and grid, plus one proxy and one KV-only feed per row.
         return 2 * (MAX_PROMPT_TOKENS + rows * (cols + 2))
 
-    def engine_args(self) -> dict[str, Any]:
+    def engine_args(self, max_model_len: int | None = None) -> dict[str, Any]:
         from vllm_zipar.models.janus import janus_engine_overrides
 
-        return janus_engine_overrides(self.hf_config, self.max_model_len())
+        return janus_engine_overrides(self.hf_config, max_model_len or self.max_model_len())
 
     def load_decoder(self):
         from vllm_zipar.models.vq.janus_vq import JanusPixelDecoder

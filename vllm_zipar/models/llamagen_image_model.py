@@ -106,6 +106,14 @@ class LlamaGenImageModel(ImageModel):
     def max_model_len(self) -> int:
         return int(self.hf_config.max_position_embeddings)
 
+    def engine_args(self, max_model_len: int | None = None) -> dict[str, Any]:
+        # vLLM caps max_model_len at the config's max_position_embeddings; a longer sequence (drafts'
+        # superseded tokens) needs no new positions, as each stream keeps its own, so lift the cap.
+        length = max_model_len or self.max_model_len()
+        if length <= self.max_model_len():
+            return {"max_model_len": length}
+        return {"max_model_len": length, "hf_overrides": {"max_position_embeddings": length}}
+
     def load_decoder(self) -> ImageDecoder:
         # Vocabulary ids are codes here, so the VQ model decodes the grids as they are.
         from vllm_zipar.models.vq.llamagen_vq import LlamaGenVQConfig, load_llamagen_vq

@@ -201,10 +201,10 @@ class LuminaImageModel(HFImageModel):
         # Both streams of a guided image: prompts, every row with its EOL, plus one KV-only feed per row.
         return 2 * (MAX_PROMPT_TOKENS + rows * (cols + 2))
 
-    def engine_args(self) -> dict[str, Any]:
+    def engine_args(self, max_model_len: int | None = None) -> dict[str, Any]:
         from vllm_zipar.models.lumina import lumina_engine_overrides
 
-        return lumina_engine_overrides(self.hf_config, self.max_model_len())
+        return lumina_engine_overrides(self.hf_config, max_model_len or self.max_model_len())
 
     def vqgan_files(self) -> tuple[Path, Path]:
         """(vqgan.yaml, vqgan.ckpt) of Meta's Chameleon VQGAN: zipar.json's `vqgan_config` and

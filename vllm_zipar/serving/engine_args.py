@@ -2,7 +2,8 @@
 
 Four layers, each on top of the one before: what every image model needs (our scheduler and worker, the
 decoding default, no tokenizer, eager mode), the platform's defaults (`default_dtype`, a fixed CPU KV cache),
-the family's own (`ImageModel.engine_args()`: lengths, architecture), and last what the user gave
+the family's own (`ImageModel.engine_args()`: lengths, architecture; a longer sequence when the default
+decoding has exact drafts or the user a longer one, `served_max_model_len`), and last what the user gave
 (`vllm serve` flags, `ImageGenerator` keyword arguments): a user's value always wins. `hf_overrides` is the
 one argument merged instead of replaced (`merge_hf_overrides`): the family's entries are what make vLLM
 build our model class with the right lengths, so the user's go on top of them, key by key.
@@ -10,6 +11,7 @@ build our model class with the right lengths, so the user's go on top of them, k
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -17,7 +19,15 @@ from typing import Any, Protocol
 from vllm_zipar.engine.request_config import ImageDecoding
 from vllm_zipar.models.image_model import ImageModel
 
+# A child of vLLM's "vllm" logger: its handler, format and level once vLLM has configured logging.
+logger = logging.getLogger("vllm.zipar.engine_args")
+
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# Exact drafts keep every superseded guess in the request's KV sequence. Measured (docs/exact_drafts.md §8,
+# §10) an image with L drafts supersedes about 1.8 / 3.1 / 4.5 slots per cell at L = 2 / 4 / 8 on random
+# weights, fewer on the trained digits model: L slots per cell and stream covers that (the scheduler cuts
+# drafts to what is left, so a short sequence costs passes, never tokens).
+DRAFT_SLOTS_PER_CELL_PER_DRAFT = 1
 BF16_MIN_CAPABILITY = 80  # Ampere: vLLM's CUDA platform refuses bfloat16 below compute capability 8.0
 
 
@@ -87,6 +97,61 @@ def served_architectures(model: ImageModel, family_hf_overrides: Mapping[str, An
     return list(found) if found else None
 
 
+def largest_grid_cells(model: ImageModel) -> int:
+    """Grid positions of the model's largest size (EOL columns counted for every family: an upper bound)."""
+    return max(rows * (cols + 1) for rows, cols in (size.grid for size in model.sizes()))
+
+
+def draft_headroom(model: ImageModel, drafts: int) -> int:
+    """KV slots beyond plain ZipAR's that a guided image of the largest size with `drafts` per pass needs
+    for its superseded tokens (both streams)."""
+    return 2 * drafts * DRAFT_SLOTS_PER_CELL_PER_DRAFT * largest_grid_cells(model)
+
+
+def drafts_that_fit(model: ImageModel, max_model_len: int) -> int:
+    """The largest L whose superseded tokens fit a guided image of the largest size in `max_model_len`
+    (0: none; `draft_headroom`'s estimate)."""
+    room = max_model_len - model.max_model_len()
+    return max(0, room // draft_headroom(model, 1))
+
+
+def served_max_model_len(
+    model: ImageModel, decoding: ImageDecoding, overrides: Mapping[str, Any]
+) -> int | None:
+    """The sequence length the family's engine arguments are built for (None: the family's own).
+
+    A user's `max_model_len` is taken as given (the family lifts its position cap to match, so no
+    `hf_overrides` are needed), with a warning when the engine's default drafts do not fit it. Without one,
+    an engine whose default decoding has drafts gets the family's length plus `draft_headroom`: the
+    family's is sized for plain ZipAR, and drafts cut to fit it would save almost no passes."""
+    plain = model.max_model_len()
+    given = overrides.get("max_model_len")
+    if given is not None:
+        fit = drafts_that_fit(model, int(given))
+        if decoding.drafts and fit < decoding.drafts:
+            logger.warning(
+                "zipar_drafts=%d with max_model_len=%d: a guided image of the largest size has room for "
+                "about %d drafts per pass (superseded guesses fill its KV sequence), so the scheduler will "
+                "cut drafts (tokens stay exact, fewer passes are saved); max_model_len=%d fits them",
+                decoding.drafts,
+                given,
+                fit,
+                plain + draft_headroom(model, decoding.drafts),
+            )
+        return int(given)
+    if not decoding.drafts:
+        return None
+    raised = plain + draft_headroom(model, decoding.drafts)
+    logger.info(
+        "zipar_drafts=%d: max_model_len raised from %d to %d (a draft image's KV sequence also holds its "
+        "superseded guesses); pass max_model_len to choose another",
+        decoding.drafts,
+        plain,
+        raised,
+    )
+    return raised
+
+
 def image_engine_args(
     model: ImageModel,
     decoding: ImageDecoding,
@@ -101,7 +166,7 @@ def image_engine_args(
         from vllm.platforms import current_platform
 
         platform = current_platform
-    family = model.engine_args()
+    family = model.engine_args(served_max_model_len(model, decoding, overrides))
     kwargs: dict[str, Any] = {
         "model": str(model.model_dir),
         "skip_tokenizer_init": True,  # prompts reach the engine as token ids (the front-end tokenizes)

@@ -52,6 +52,18 @@ def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(arg in names + negated or arg.split("=", 1)[0] in names for arg in argv)
 
 
+def _int_flag(argv: Sequence[str], flag: str) -> int | None:
+    """The user's integer value of `flag` (`--f v` or `--f=v`), None when absent or not a plain integer
+    (vLLM parses it then)."""
+    names = _flag_names(flag)
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
 def take_our_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """`argv` without `--decoding` / `--zipar-window` (any spelling, `--f v` or `--f=v`), and their values."""
     rest: list[str] = []
@@ -167,7 +179,10 @@ def engine_flags(
     for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"):
         if _has_flag(argv, "--" + key.replace("_", "-")):
             user_set[key] = True
-    overrides = {} if user_hf_overrides is None else {"hf_overrides": user_hf_overrides}
+    overrides: dict[str, Any] = {} if user_hf_overrides is None else {"hf_overrides": user_hf_overrides}
+    max_len = _int_flag(argv, "--max-model-len")
+    if max_len is not None:  # the family lifts its position cap to it; drafts check that they fit it
+        overrides["max_model_len"] = max_len
     try:
         kwargs = image_engine_args(model, chosen, overrides)
     except HfOverridesError as err:
