@@ -8,10 +8,16 @@ until `--requests` have completed. Prints p50/p99 latency and images/s, fails on
     python benchmarks/serve_load.py                 # 32 clients, 200 requests
     python benchmarks/serve_load.py --quick         # 4 clients, 8 requests (the test suite's smoke run)
     python benchmarks/serve_load.py --profile mixed --requests 300   # every third request is a bad one
+    python benchmarks/serve_load.py --profile burst --clients 64 --requests 64 --n 10   # issue 22's burst
 
 The mixed profile cycles through bad requests (malformed JSON, out-of-range values, an oversized body, a
 wrong content type, a wrong method) between good ones: each must get its own 4xx, the good ones 200, and no
 request a 5xx.
+
+The burst profile sends every other request with `"stream": true` (2 partial images), all at once, while a
+probe reads `/health` and `/metrics` every PROBE_INTERVAL_S: it reports the probes' latencies (how
+responsive the API server's event loop stays) and when streamed and JSON requests finish
+(`serve_load_burst.json` / `.png`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,46 @@ BAD_REQUESTS = [
 ]
 
 
+PROBE_INTERVAL_S = 0.25
+PROBE_PATHS = ("/health", "/metrics")
+
+
+async def read_stream(http, body: dict, n: int) -> bool:
+    """POST a streamed request and read its events; True when all `n` images completed."""
+    import json
+
+    completed = 0
+    async with http.stream("POST", "/v1/images/generations", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return False
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[len("data:") :])
+                completed += event.get("type") == "image_generation.completed"
+    return completed == n
+
+
+async def probe(http, stop: asyncio.Event, begin: float) -> dict[str, list[tuple[float, float]]]:
+    """Read each PROBE_PATHS every PROBE_INTERVAL_S until `stop`: (sent at, latency) per path."""
+    import httpx
+
+    seen: dict[str, list[tuple[float, float]]] = {path: [] for path in PROBE_PATHS}
+    while not stop.is_set():
+        for path in PROBE_PATHS:
+            start = time.perf_counter()
+            try:
+                await http.get(path)
+            except httpx.HTTPError:
+                pass
+            seen[path].append((start - begin, time.perf_counter() - start))
+        try:
+            await asyncio.wait_for(stop.wait(), PROBE_INTERVAL_S)
+        except TimeoutError:
+            pass
+    return seen
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -72,6 +118,7 @@ async def run_load(
     statuses: dict[int, int] = {}
     good_latencies: list[float] = []
     good_finished: list[float] = []
+    streamed: list[bool] = []
     next_request = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -87,7 +134,13 @@ async def run_load(
                 )
                 start = time.perf_counter()
                 try:
-                    if bad is None:
+                    stream = profile == "burst" and i % 2 == 1
+                    if stream:
+                        ok = await read_stream(http, {**body, "stream": True, "partial_images": 2}, n)
+                        statuses[200 if ok else 0] = statuses.get(200 if ok else 0, 0) + 1
+                        if not ok:
+                            errors.append(f"request {i}: the stream did not complete {n} images")
+                    elif bad is None:
                         response = await http.post("/v1/images/generations", json=body)
                         ok = response.status_code == 200 and len(response.json()["data"]) == n
                     else:
@@ -97,9 +150,10 @@ async def run_load(
                         )
                         error = response.json().get("error", {})
                         ok = response.status_code == expected and set(error) == ERROR_FIELDS
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                    if not ok:
-                        errors.append(f"request {i}: HTTP {response.status_code} {response.text[:200]}")
+                    if not stream:
+                        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                        if not ok:
+                            errors.append(f"request {i}: HTTP {response.status_code} {response.text[:200]}")
                 except httpx.HTTPError as err:
                     errors.append(f"request {i}: {type(err).__name__}: {err}")
                 now = time.perf_counter()
@@ -108,10 +162,15 @@ async def run_load(
                 if bad is None:
                     good_latencies.append(now - start)
                     good_finished.append(now)
+                    streamed.append(profile == "burst" and i % 2 == 1)
 
         begin = time.perf_counter()
+        stop = asyncio.Event()
+        probing = asyncio.create_task(probe(http, stop, begin)) if profile == "burst" else None
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - begin
+        stop.set()
+        probes = await probing if probing is not None else {}
     return {
         "statuses": statuses,
         "good_latencies_s": good_latencies,
@@ -120,6 +179,8 @@ async def run_load(
         "finished_at_s": [t - begin for t in finished_at],
         "errors": errors,
         "wall_s": wall,
+        "streamed": streamed,
+        "probes": probes,
     }
 
 
@@ -143,11 +204,74 @@ def plot(name: str, title: str, latencies: list[float], finished_at: list[float]
     return save_figure(fig, name)
 
 
+def burst_summary(result: dict) -> dict:
+    """Probe latencies per path and the finish latencies of streamed vs JSON requests."""
+    summary: dict = {}
+    for path, seen in result["probes"].items():
+        waits = [latency for _, latency in seen] or [0.0]
+        summary[path] = {
+            "probes": len(seen),
+            "p50_ms": round(1000 * percentile(waits, 50), 1),
+            "p99_ms": round(1000 * percentile(waits, 99), 1),
+            "max_ms": round(1000 * max(waits), 1),
+        }
+    for kind, flag in (("streamed", True), ("json", False)):
+        mine = [t for t, s in zip(result["good_latencies_s"], result["streamed"], strict=True) if s == flag]
+        if mine:
+            summary[kind] = {
+                "requests": len(mine),
+                "mean_s": round(statistics.fmean(mine), 3),
+                "p50_s": round(percentile(mine, 50), 3),
+                "p99_s": round(percentile(mine, 99), 3),
+            }
+    if "streamed" in summary and "json" in summary:
+        summary["streamed_over_json_mean"] = round(
+            summary["streamed"]["mean_s"] / summary["json"]["mean_s"], 3
+        )
+    return summary
+
+
+def plot_burst(name: str, title: str, result: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (path, seen), colour in zip(result["probes"].items(), ("#2a7fbf", "#d9822b"), strict=False):
+        left.plot(
+            [t for t, _ in seen], [1000 * w for _, w in seen], ".", color=colour, markersize=3, label=path
+        )
+    left.set_xlabel("sent at (s since the burst began)")
+    left.set_ylabel("probe latency (ms)")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    for flag, colour, label in ((False, "#2a7fbf", "JSON"), (True, "#d9822b", "streamed")):
+        points = [
+            (done, latency)
+            for done, latency, s in zip(
+                result["good_finished_at_s"], result["good_latencies_s"], result["streamed"], strict=True
+            )
+            if s == flag
+        ]
+        right.plot(
+            [d for d, _ in points], [w for _, w in points], ".", color=colour, markersize=4, label=label
+        )
+    right.set_xlabel("completed at (s since start)")
+    right.set_ylabel("request latency (s)")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 clients, 8 requests")
     parser.add_argument(
-        "--profile", choices=["good", "mixed"], default="good", help="mixed: every third request is bad"
+        "--profile",
+        choices=["good", "mixed", "burst"],
+        default="good",
+        help="mixed: every third request is bad; burst: every other one streams, /health and /metrics probed",
     )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory to serve")
     parser.add_argument("--url", default=None, help="a running loopback server instead of starting one")
@@ -160,8 +284,8 @@ def main() -> int:
     clients = args.clients or (4 if args.quick else 32)
     requests = args.requests or (8 if args.quick else 200)
     name = "serve_load_quick" if args.quick else "serve_load"
-    if args.profile == "mixed":
-        name += "_mixed"
+    if args.profile != "good":
+        name += f"_{args.profile}"
 
     from vllm_zipar.models.registry import load_image_model
     from vllm_zipar.serving.served_model import ServedModel
@@ -214,6 +338,8 @@ def main() -> int:
         "kv_cache_usage_after": kv_usage,
         "machine": machine(),
     }
+    if args.profile == "burst":
+        summary["burst"] = burst_summary(result)
     path = write_json(name, {**summary, "latencies_s": [round(t, 4) for t in latencies]})
     good = (
         f"{requests} requests"
@@ -225,13 +351,19 @@ def main() -> int:
         f"CFG {cfg_scale:g}\n"
         f"p50 {summary['p50_s']:.2f} s, p99 {summary['p99_s']:.2f} s, {images_per_s:.2f} images/s"
     )
-    png = plot(name, title, latencies, result["good_finished_at_s"])
+    png = (
+        plot_burst(name, title, result)
+        if args.profile == "burst"
+        else plot(name, title, latencies, result["good_finished_at_s"])
+    )
     print(
         f"[serve_load] {requests} requests ({summary['bad_requests']} bad), {clients} clients: "
         f"errors {summary['errors']}, 5xx {summary['server_errors_5xx']}, statuses {summary['statuses']}, "
         f"p50 {summary['p50_s']:.3f} s, p99 {summary['p99_s']:.3f} s, {images_per_s:.3f} images/s, "
         f"wall {summary['wall_s']:.1f} s"
     )
+    if args.profile == "burst":
+        print(f"[serve_load] burst: {summary['burst']}")
     print(f"[serve_load] wrote {path} and {png}")
     for error in result["errors"][:5]:
         print(f"[serve_load] error: {error}")
