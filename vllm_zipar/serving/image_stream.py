@@ -24,16 +24,19 @@ from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.shape import passes_for, plan_shape
 
 
-async def stream_images(
+def stream_images(
     service: ImageService,
     req: ImageGenerationRequest,
     jobs: Sequence[ImageJob],
     request: Request,
 ) -> AsyncIterator[str]:
-    """Server-sent events: `partial_images` partial images per image, then its completed image.
+    """Submit the images now and return their server-sent events: `partial_images` partial images per
+    image, then its completed image.
 
-    Starlette's StreamingResponse notices a client that left only when a send fails, which may be long
-    after (or, here, never before the images finish), so `request`'s disconnect is watched too
+    The images go to the engine here, in the route, not when Starlette starts iterating the response:
+    during a burst that start comes late, and streamed requests then reached the engine behind JSON ones
+    sent after them. Starlette's StreamingResponse notices a client that left only when a send fails, which
+    may be long after (or, here, never before the images finish), so `request`'s disconnect is watched too
     (`client_watch`)."""
     queue: asyncio.Queue = asyncio.Queue()
     sent = [0] * len(jobs)
@@ -82,6 +85,19 @@ async def stream_images(
     watch = AbortOnDisconnect(
         request, producer, service.log, jobs[0].request_id, on_gone=lambda: queue.put_nowait(("gone",))
     )
+    return _events(service, req, jobs, queue, sent, producer, watch)
+
+
+async def _events(
+    service: ImageService,
+    req: ImageGenerationRequest,
+    jobs: Sequence[ImageJob],
+    queue: asyncio.Queue,
+    sent: list[int],
+    producer: asyncio.Task,
+    watch: AbortOnDisconnect,
+) -> AsyncIterator[str]:
+    """The events of `stream_images`' images, rendered as they arrive on `queue`."""
     remaining = len(jobs)
     usage = service.usage(jobs[:1])
     try:
