@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 from copy import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -376,18 +377,22 @@ def sampling_salt(request: Request, decoding) -> str:
 
 def image_stats(state: ImageRequestState) -> ImageStats:
     """What the request output reports about how an image was decoded."""
-    layout = state.plan.layout
     plan = state.plan
+    layout = plan.layout
+    guidance = state.guidance
+    common: dict[str, Any] = dict(
+        decoding=state.decoding,
+        window=state.window,
+        cfg_scale=guidance.scale if guidance is not None else 1.0,
+        grid=(layout.height, layout.width),
+        prompt_len=layout.prompt_len,
+        uncond_prompt_len=guidance.uncond_prompt_len if guidance is not None else None,
+        passes=plan.steps,
+    )
     if isinstance(plan, DraftPlan):
         stats = plan.stats
         return ImageStats(
-            decoding=state.decoding,
-            window=state.window,
-            cfg_scale=state.guidance.scale if state.guidance is not None else 1.0,
-            grid=(layout.height, layout.width),
-            prompt_len=layout.prompt_len,
-            uncond_prompt_len=state.guidance.uncond_prompt_len if state.guidance is not None else None,
-            passes=plan.steps,
+            **common,
             cells_per_pass=tuple(stats.cells_per_pass),
             drafts=plan.drafts,
             fed=stats.fed,
@@ -396,13 +401,4 @@ def image_stats(state: ImageRequestState) -> ImageStats:
             superseded=stats.superseded,
             tokens=tuple(token for row in plan.grid() for token in row),
         )
-    return ImageStats(
-        decoding=state.decoding,
-        window=state.window,
-        cfg_scale=state.guidance.scale if state.guidance is not None else 1.0,
-        grid=(layout.height, layout.width),
-        prompt_len=layout.prompt_len,
-        uncond_prompt_len=state.guidance.uncond_prompt_len if state.guidance is not None else None,
-        passes=state.plan.steps,
-        cells_per_pass=tuple(state.cells_per_pass),
-    )
+    return ImageStats(**common, cells_per_pass=tuple(state.cells_per_pass))
