@@ -156,3 +156,35 @@ def test_the_incremental_grid_equals_a_rebuild_after_every_output(decoding):
         assert torch.equal(missing, rebuilt < 0) and torch.equal(grid[~missing], rebuilt[~missing])
         assert tracker.filled == int((~missing).sum())
     assert tracker.filled == H * W
+
+
+def test_a_streamed_requests_images_reach_the_engine_before_its_response_is_iterated():
+    # During a burst Starlette starts iterating a streaming response late; images submitted only then
+    # reached the engine behind JSON requests sent after them (serve_load.py --profile burst).
+    from vllm_zipar.serving.image_stream import stream_images
+
+    async def scenario():
+        submitted: list[str] = []
+        finish = asyncio.Event()
+
+        async def run(job, on_output):
+            submitted.append(job.request_id)
+            await finish.wait()
+            raise RuntimeError("the engine is not part of this test")
+
+        service = SimpleNamespace(
+            run=run,
+            lifecycle=SimpleNamespace(track=lambda task: None, cut_off=lambda task: False),
+            log=FakeLog(),
+            usage=lambda jobs: {},
+        )
+        req = SimpleNamespace(partial_images=0)
+        jobs = [job_of(ImageDecoding.parse("zipar", 2))]
+        events = stream_images(service, req, jobs, FakeRequest())
+        for _ in range(3):  # a few turns of the loop (producer, then its job's task), `events` untouched
+            await asyncio.sleep(0)
+        assert submitted == [jobs[0].request_id]
+        await events.aclose()
+        finish.set()
+
+    asyncio.run(scenario())
