@@ -9,6 +9,8 @@ until `--requests` have completed. Prints p50/p99 latency and images/s, fails on
     python benchmarks/serve_load.py --quick         # 4 clients, 8 requests (the test suite's smoke run)
     python benchmarks/serve_load.py --profile mixed --requests 300   # every third request is a bad one
     python benchmarks/serve_load.py --profile burst --clients 64 --requests 64 --n 10   # issue 22's burst
+    python benchmarks/serve_load.py --profile burst --model emu3-reduced --tag emu3 \
+        --clients 4 --requests 4 --n 4 --kv-cache-gib 2                             # the same on Emu3 90x90
 
 The mixed profile cycles through bad requests (malformed JSON, out-of-range values, an oversized body, a
 wrong content type, a wrong method) between good ones: each must get its own 4xx, the good ones 200, and no
@@ -31,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, save_figure, write_json  # noqa: E402
+from common import EMU3_REDUCED, RESULTS, machine, random_emu3, save_figure, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "digits"
@@ -108,7 +110,7 @@ def display_path(path: str) -> str:
 
 
 async def run_load(
-    url: str, clients: int, requests: int, num_classes: int, n: int, profile: str = "good"
+    url: str, clients: int, requests: int, num_classes: int | None, n: int, profile: str = "good"
 ) -> dict:
     import httpx
 
@@ -128,7 +130,9 @@ async def run_load(
             while next_request < requests:
                 i = next_request
                 next_request += 1
-                body = {"prompt": str(i % num_classes), "seed": i, "n": n}
+                # A class-to-image model takes its class labels; a text-to-image one, any text.
+                prompt = str(i % num_classes) if num_classes else f"a picture of the digit {i % 10}"
+                body = {"prompt": prompt, "seed": i, "n": n}
                 bad = (
                     BAD_REQUESTS[(i // 3) % len(BAD_REQUESTS)] if profile == "mixed" and i % 3 == 2 else None
                 )
@@ -273,23 +277,32 @@ def main() -> int:
         default="good",
         help="mixed: every third request is bad; burst: every other one streams, /health and /metrics probed",
     )
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory to serve")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="model directory to serve, or emu3-reduced (random weights, 90x90 grid, written once)",
+    )
     parser.add_argument("--url", default=None, help="a running loopback server instead of starting one")
     parser.add_argument("--clients", type=int, default=None, help="requests in flight (default 32)")
     parser.add_argument("--requests", type=int, default=None, help="requests in all (default 200)")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--window", type=int, default=8, help="server's ZipAR window")
     parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="server's KV cache (GiB)")
+    parser.add_argument("--tag", default=None, help="suffix of the result files' names (another model)")
     args = parser.parse_args()
     clients = args.clients or (4 if args.quick else 32)
     requests = args.requests or (8 if args.quick else 200)
     name = "serve_load_quick" if args.quick else "serve_load"
     if args.profile != "good":
         name += f"_{args.profile}"
+    if args.tag:
+        name += f"_{args.tag}"
 
     from vllm_zipar.models.registry import load_image_model
     from vllm_zipar.serving.served_model import ServedModel
 
+    if args.model == "emu3-reduced":
+        args.model = str(random_emu3("emu3-reduced-90", EMU3_REDUCED))
     image_model = load_image_model(args.model)
     num_classes = image_model.num_classes
     cfg_scale = image_model.sampling_defaults.cfg_scale  # requests take the model's sampling defaults

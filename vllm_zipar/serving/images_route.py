@@ -26,6 +26,7 @@ from vllm_zipar.serving.image_stream import stream_images
 from vllm_zipar.serving.images_protocol import ImageAPIError, parse_request
 from vllm_zipar.serving.playground import attach_playground, playground_address
 from vllm_zipar.serving.request_body import ClientGone, read_body
+from vllm_zipar.serving.route_metrics import record_accepted
 
 ROUTE = "/v1/images/generations"
 
@@ -55,6 +56,7 @@ async def create_image(request: Request):
     except ClientGone:
         service.log.info("image request: client disconnected while sending its body")
         return None
+    record_accepted()
 
     if req.stream:
         return StreamingResponse(stream_images(service, req, jobs, request), media_type="text/event-stream")

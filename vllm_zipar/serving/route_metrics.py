@@ -1,4 +1,4 @@
-"""Prometheus metrics of the HTTP image route: images served and seconds per image, by decoding.
+"""Prometheus metrics of the HTTP image route: requests accepted, images served and seconds per image.
 
 Registered like `metrics.py`'s (vLLM unregisters every `vllm:` collector when its loggers start, so they are
 registered again on use) and shown on vLLM's `/metrics` next to `vllm:zipar_*` pass statistics.
@@ -10,6 +10,11 @@ from prometheus_client import REGISTRY, Counter, Histogram
 
 from vllm_zipar.zipar.image_stats import ImageStats
 
+REQUESTS_ACCEPTED = Counter(
+    "vllm:zipar_image_requests_accepted",
+    "Requests to POST /v1/images/generations that passed validation; their images go to the engine.",
+    registry=None,
+)
 IMAGES_SERVED = Counter(
     "vllm:zipar_images_served", "Images returned by POST /v1/images/generations.", ["decoding"], registry=None
 )
@@ -20,7 +25,7 @@ SECONDS_PER_IMAGE = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
     registry=None,
 )
-COLLECTORS = (IMAGES_SERVED, SECONDS_PER_IMAGE)
+COLLECTORS = (REQUESTS_ACCEPTED, IMAGES_SERVED, SECONDS_PER_IMAGE)
 
 
 def ensure_route_metrics() -> None:
@@ -35,3 +40,8 @@ def record_served(stats: ImageStats, seconds: float) -> None:
     label = stats.decoding
     IMAGES_SERVED.labels(label).inc()
     SECONDS_PER_IMAGE.labels(label).observe(seconds)
+
+
+def record_accepted() -> None:
+    ensure_route_metrics()
+    REQUESTS_ACCEPTED.inc()
