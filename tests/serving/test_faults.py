@@ -292,6 +292,13 @@ def sse_events(response: httpx.Response):
             yield json.loads(line[len("data: ") :])
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def engine_core_of(server: ServedModel) -> psutil.Process:
     children = psutil.Process(server.process.pid).children()
     return next(child for child in children if child.name().startswith("VLLM::EngineCor"))
@@ -322,7 +329,9 @@ def kill_engine_under_load(tmp_path_factory, attempt: int):
         inflight = send_all(server, [{**HEAVY, "seed": i} for i in range(48)])
         accepted = wait_until_accepted(server, len(inflight))
         assert accepted == len(inflight), f"only {accepted} requests accepted in {MARGIN} s"
-        engine_core_of(server).send_signal(signal.SIGKILL)
+        core = engine_core_of(server)
+        server.engine_workers = core.children(recursive=True)
+        core.send_signal(signal.SIGKILL)
         return server, outcomes_of(inflight)
     except BaseException:
         os.killpg(server.process.pid, signal.SIGKILL)
@@ -349,6 +358,8 @@ def test_a_killed_engine_core_fails_requests_and_exits_non_zero(tmp_path_factory
             assert error_of(response, code)["code"] == ("request_timeout" if code == 408 else "engine_dead")
         status = server.process.wait(timeout=MARGIN)
         assert status != 0  # vLLM alone exits 0 here: a supervisor would not restart it
+        # The dead engine core's workers (orphans) outlived the server by seconds: now they are killed first.
+        assert server.engine_workers and not any(alive(worker) for worker in server.engine_workers)
         # The log counts the failed images, also those that failed before the watcher saw the death.
         died = re.search(r"the engine core died: (\d+) image request\(s\) failed", server.log_tail(10**7))
         assert died is not None and int(died.group(1)) > 0

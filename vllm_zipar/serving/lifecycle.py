@@ -49,6 +49,7 @@ class RouteLifecycle:
         self._drain_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._signals_task: asyncio.Task | None = None
+        self._engine_processes: list[Any] = []  # psutil.Process, set by watch_engine
         self.server: Any = None  # uvicorn's, once the signals are ours
 
     # ---------------------------------------------------------------- admission
@@ -133,7 +134,32 @@ class RouteLifecycle:
     # ---------------------------------------------------------------- engine death
 
     def watch_engine(self) -> None:
+        # The engine's processes (engine core, its workers), known while they are our descendants: once the
+        # engine core dies its workers are orphans, which vLLM's own parent check ends only seconds later.
+        import psutil
+
+        self._engine_processes = [
+            child for child in psutil.Process().children(recursive=True) if _is_engine_process(child)
+        ]
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    def _kill_engine_leftovers(self) -> None:
+        """Kill the dead engine's processes still running (its workers, and what they started, such as a
+        kernel build): a supervisor restarting this server finds the cores and memory free."""
+        import psutil
+
+        leftovers = []
+        for process in self._engine_processes:
+            try:
+                if process.is_running():  # psutil compares creation times: never a reused pid
+                    leftovers += [process, *process.children(recursive=True)]
+            except psutil.Error:
+                pass
+        for process in leftovers:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
 
     async def _watch(self) -> None:
         global exit_status
@@ -152,5 +178,17 @@ class RouteLifecycle:
             ENGINE_DEAD_EXIT_STATUS,
         )
         self._cancel_inflight()
+        self._kill_engine_leftovers()
         if self.server is not None:  # vLLM's watchdog would stop it too, up to 5 s later
             self.server.should_exit = True
+
+
+def _is_engine_process(process: Any) -> bool:
+    """vLLM names its processes `VLLM::EngineCore`, `VLLM::Worker...` (not multiprocessing's resource
+    tracker, which cleans up shared memory after us)."""
+    import psutil
+
+    try:
+        return process.name().startswith("VLLM::")
+    except psutil.Error:
+        return False
