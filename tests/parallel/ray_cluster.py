@@ -1,7 +1,9 @@
 """A real two-node Ray cluster on loopback addresses, started and stopped by the tests.
 
 Two `ray start --block` processes on this host, a head on 127.0.0.2 and a worker node on 127.0.0.3, one CPU
-each, so that Ray places a two-worker vLLM engine on both nodes. 127.0.0.1 is avoided because Ray rewrites
+each, so that Ray places a two-worker vLLM engine on both nodes; each node's workers are bound to "its" core
+(`VLLM_CPU_OMP_THREADS_BIND`: 0 on the head, 1 on the other), as an `mp` engine's two workers would be with
+`"0|1"`, since both nodes share this host's cores. 127.0.0.1 is avoided because Ray rewrites
 it to the host's primary address (traffic would leave loopback). `stop()` ends only what it started: the two
 `ray start` processes and every process below them, by pid, and then checks that none is left.
 """
@@ -22,6 +24,7 @@ HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
 NODE_START_ATTEMPTS = 3
 OBJECT_STORE_BYTES = 200 << 20  # vLLM passes its messages outside Ray's object store; keep /dev/shm free
+NODE_CORES = {HEAD_IP: "0", WORKER_IP: "1"}
 
 
 class NodeStartFailed(RuntimeError):
@@ -45,6 +48,7 @@ class LocalRayCluster:
         # Each worker actor inherits its raylet's environment; one OpenMP thread per worker (one CPU each).
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **(node_env or {})}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # set per node in `_node`
         self.start_timeout = start_timeout
         self.processes: list[subprocess.Popen] = []
         self.started: set[int] = set()  # every pid this cluster started, for `stop` and the leak check
@@ -61,7 +65,7 @@ class LocalRayCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _node(self, *args: str, name: str) -> None:
+    def _node(self, *args: str, name: str, ip: str) -> None:
         log = open(self.temp_dir / f"{name}.log", "w")  # noqa: SIM115
         common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE_BYTES)]
         common += ["--block", "--disable-usage-stats"]
@@ -69,7 +73,7 @@ class LocalRayCluster:
             [ray_command(), "start", *args, *common],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, "VLLM_CPU_OMP_THREADS_BIND": NODE_CORES[ip]},
             start_new_session=True,
         )
         self.processes.append(process)
@@ -79,9 +83,11 @@ class LocalRayCluster:
 
         head = ["--head", "--node-ip-address", HEAD_IP, "--temp-dir", str(self.temp_dir)]
         head += ["--include-dashboard", "false"]
-        self._start_node(lambda: self._node(*head, "--port", str(self.port), name="head"), 1, "the head node")
+        self._start_node(
+            lambda: self._node(*head, "--port", str(self.port), name="head", ip=HEAD_IP), 1, "the head node"
+        )
         worker = ["--address", self.address, "--node-ip-address", WORKER_IP]
-        self._start_node(lambda: self._node(*worker, name="worker"), 2, "the second node")
+        self._start_node(lambda: self._node(*worker, name="worker", ip=WORKER_IP), 2, "the second node")
         assert not ray.is_initialized()
 
     def _start_node(self, launch, nodes: int, what: str) -> None:

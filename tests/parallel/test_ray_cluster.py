@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.parallel.conftest import DECODINGS, TEST_KV_CACHE_BYTES, decode_all
-from tests.parallel.ray_cluster import HEAD_IP, WORKER_IP, LocalRayCluster
+from tests.parallel.ray_cluster import HEAD_IP, NODE_CORES, WORKER_IP, LocalRayCluster
 from vllm_zipar.serving.offline import ImageGenerator
 from vllm_zipar.serving.served_model import ServedModel
 
@@ -55,6 +55,21 @@ def assert_one_worker_per_node(cluster: LocalRayCluster) -> dict[str, int]:
     return {ip: procs[0].pid for ip, procs in workers.items()}
 
 
+def worker_threads(_worker=None) -> tuple[str, int]:
+    """Run in each worker (collective_rpc): its node address and torch's thread count."""
+    return ray.util.get_node_ip_address(), torch.get_num_threads()
+
+
+def assert_bound_like_mp_workers(cluster: LocalRayCluster, generator=None) -> None:
+    """Each worker runs at its node's priority (Ray starts workers at niceness 15), on its node's core
+    (`NODE_CORES`, the node's `VLLM_CPU_OMP_THREADS_BIND`) with one torch thread, as an `mp` worker would."""
+    for ip, (process,) in cluster.worker_processes().items():
+        assert process.nice() == process.parent().nice(), f"{ip}: niceness {process.nice()}"
+        assert process.cpu_affinity() == [int(NODE_CORES[ip])], f"{ip}: affinity {process.cpu_affinity()}"
+    if generator is not None:
+        assert sorted(generator.llm.collective_rpc(worker_threads)) == [(HEAD_IP, 1), (WORKER_IP, 1)]
+
+
 @pytest.mark.timeout(1200)
 def test_pp2_on_two_ray_nodes_equals_tp1(cluster, parallel_model):
     ray.init(address=cluster.address)
@@ -68,6 +83,7 @@ def test_pp2_on_two_ray_nodes_equals_tp1(cluster, parallel_model):
         )
         try:
             assert_one_worker_per_node(cluster)
+            assert_bound_like_mp_workers(cluster, generator)
             images = decode_all(generator)
             assert parallel_model.mismatches(images) == {}
         finally:
@@ -94,6 +110,7 @@ def test_vllm_serve_tp2_on_two_ray_nodes(cluster, parallel_model, tmp_path):
         ray.init(address=cluster.address)
         try:
             pids = assert_one_worker_per_node(cluster)
+            assert_bound_like_mp_workers(cluster)
         finally:
             ray.shutdown()
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
