@@ -129,24 +129,3 @@ def test_step_profile_quick_splits_every_step_into_all_phases(tmp_path):
             assert summary["max_phase_sum_over_total"] <= 1 + 1e-9
             assert summary["tokens_per_step"] >= row["in_flight"] and summary["cells_per_step"] > 0
     assert (tmp_path / "step_profile_quick.png").stat().st_size > 10_000
-
-
-@pytest.mark.ray
-@pytest.mark.parallel
-def test_pp_ray_vs_mp_quick_equal_tokens_and_ray_workers_scheduled_like_mp(tmp_path):
-    pytest.importorskip("ray", reason="the `ray` extra (scripts/install.sh installs it)")
-    out = run(tmp_path, "pp_ray_vs_mp.py", "--quick")
-    assert "ray/mp" in out
-    result = json.loads((tmp_path / "pp_ray_vs_mp_quick.json").read_text())
-    assert result["tokens_equal"] is True
-    assert [row["mode"] for row in result["rows"]] == ["NTP", "ZipAR-4"]
-    for row in result["rows"]:
-        assert row["mp_seconds_per_image"] > 0 and row["ray_seconds_per_image"] > 0
-    # The Ray workers run at the priority of the mp workers (Ray's default is niceness 15), each on its
-    # node's core with one torch thread, as the mp workers on "0|1".
-    mp, ray = result["workers"]["mp"], result["workers"]["ray"]
-    for workers in (mp, ray):
-        assert sorted(w["affinity"] for w in workers) == [[0], [1]]
-        assert [w["torch_threads"] for w in workers] == [1, 1]
-    assert {w["niceness"] for w in ray} == {w["niceness"] for w in mp}
-    assert (tmp_path / "pp_ray_vs_mp_quick.png").stat().st_size > 10_000
