@@ -4,6 +4,8 @@ the disconnect watch that aborts a request's work (the live stream is tests/serv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -188,3 +190,68 @@ def test_a_streamed_requests_images_reach_the_engine_before_its_response_is_iter
         finish.set()
 
     asyncio.run(scenario())
+
+
+def test_a_stream_that_fell_behind_renders_its_backlog_in_one_batch_and_sends_every_frame_in_order():
+    """While the pixel thread is busy, due partial images queue up: they go to it as one VQ batch (at most
+    MAX_FRAMES_PER_RENDER), not one turn each; the final grid is rendered once, for the completed image and
+    the partial images decoding outran. Every promised frame is sent, in order, with its own progress."""
+    from vllm_zipar.serving.image_stream import MAX_FRAMES_PER_RENDER, stream_images
+
+    frames = 12
+    decoding = DECODINGS[1]
+    job = dataclasses.replace(job_of(decoding), index=0)  # the request's only image
+    shape = plan_shape(job.layout, decoding.window, decoding.uncond_prompt_len)
+    outputs = [-5 if p is None else 1000 + p for p in shape.output_cells]
+    streamed = len(outputs) * 3 // 4  # the rest arrives with the finished output: frames the stream owes
+
+    async def scenario():
+        base = fake_service()
+        pixels_busy = asyncio.Event()
+        calls: list[tuple[int, bool]] = []
+
+        async def run(job, on_output):
+            for length in range(1, streamed + 1):
+                on_output(job, SimpleNamespace(outputs=[SimpleNamespace(token_ids=outputs[:length])]))
+                await asyncio.sleep(0)
+            pixels_busy.set()  # the first frame's render ends only now: every other frame is waiting
+            grid = base.requests.grid_from_output(outputs, decoding, job.layout)
+            stats = ImageStats("zipar", 2, 1.0, (H, W), 1, None, passes=9, cells_per_pass=(4,) * 9)
+            return SimpleNamespace(grid=grid, stats=stats)
+
+        async def render(grids, req, masks=None):
+            calls.append((grids.shape[0], masks is not None))
+            if len(calls) == 1:
+                await pixels_busy.wait()
+            return [f"call{len(calls)}-{i}" for i in range(grids.shape[0])]
+
+        service = SimpleNamespace(
+            model=base.model,
+            run=run,
+            render=render,
+            lifecycle=SimpleNamespace(track=lambda task: None, cut_off=lambda task: False),
+            log=FakeLog(),
+            usage=lambda jobs: {},
+            failure=lambda err, request_id: (_ for _ in ()).throw(err),
+        )
+        req = SimpleNamespace(partial_images=frames, output_format="png", return_tokens=False)
+        events = [e async for e in stream_images(service, req, [job], FakeRequest())]
+        return calls, [json.loads(e.split("data: ", 1)[1]) for e in events]
+
+    calls, events = asyncio.run(scenario())
+    partial, (completed,) = events[:-1], events[-1:]
+    assert [e["partial_image_index"] for e in partial] == list(range(frames))
+    assert completed["type"] == "image_generation.completed" and completed["zipar"]["passes"] == 9
+    cells = [e["zipar"]["cells_decoded"] for e in partial]
+    assert cells == sorted(cells) and cells[-1] == H * W
+    due = [c for c in cells if c < H * W]  # frames rendered from partial grids, the rest from the final one
+    assert all(c * (frames + 1) >= H * W * (k + 1) for k, c in enumerate(due))  # at its evenly spaced share
+    # One render for the first frame, the backlog in batches of at most MAX_FRAMES_PER_RENDER, one for the
+    # final grid (no mask), shared by the owed frames and the completed image.
+    sizes = [size for size, masked in calls if masked]
+    assert sizes[0] == 1 and max(sizes) == MAX_FRAMES_PER_RENDER and sum(sizes) == len(due) > 2
+    assert len(sizes) == 1 + -(-(len(due) - 1) // MAX_FRAMES_PER_RENDER)
+    assert calls[-1] == (1, False)
+    final_b64 = f"call{len(calls)}-0"
+    assert [e["b64_json"] for e in partial[len(due) :]] == [final_b64] * (frames - len(due))
+    assert completed["b64_json"] == final_b64

@@ -153,7 +153,7 @@ class ImageService:
                 # Image i's seed derives from (seed, i): distinct from every other request's images.
                 seed = None if req.seed is None else image_seed(req.seed, index)
                 one = self.requests.image_request(req.prompt, seed=seed, **kwargs)
-                if not req.stream:  # intermediate outputs are only needed for partial images
+                if not req.partial_images:  # intermediate outputs are only needed for partial images
                     one.params.output_kind = RequestOutputKind.FINAL_ONLY
                 jobs.append(
                     ImageJob(

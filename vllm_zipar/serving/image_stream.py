@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,6 +23,10 @@ from vllm_zipar.serving.image_service import ImageJob, ImageService
 from vllm_zipar.serving.images_protocol import ImageAPIError, ImageGenerationRequest
 from vllm_zipar.zipar.image_stats import ImageStats
 from vllm_zipar.zipar.shape import passes_for, plan_shape
+
+# Partial images rendered in one VQ batch at most (the backlog of a stream that fell behind): bounds the
+# pixel thread's memory for large images and keeps its turns short for the other streams.
+MAX_FRAMES_PER_RENDER = 8
 
 
 def stream_images(
@@ -100,9 +105,10 @@ async def _events(
     """The events of `stream_images`' images, rendered as they arrive on `queue`."""
     remaining = len(jobs)
     usage = service.usage(jobs[:1])
+    backlog: deque = deque()  # events taken off `queue`, not sent yet (in order)
     try:
         while remaining:
-            event = await queue.get()
+            event = backlog.popleft() if backlog else await queue.get()
             if event[0] == "gone":
                 return
             if event[0] == "error":
@@ -113,18 +119,23 @@ async def _events(
                 return
             job = event[1]
             if event[0] == "partial":
-                _, _, index, grid, missing = event
-                (b64,) = await service.render(grid[None], req, masks=missing[None])
-                payload = stream_event(req, job, b64, index=index, progress=decoding_progress(job, missing))
-                yield _sse("image_generation.partial_image", payload)
+                frames = partial_run(event, backlog, queue)
+                grids = torch.stack([frame[3] for frame in frames])
+                masks = torch.stack([frame[4] for frame in frames])
+                encoded = await service.render(grids, req, masks=masks)
+                for (_, frame_job, index, _, missing), b64 in zip(frames, encoded, strict=True):
+                    progress = decoding_progress(frame_job, missing)
+                    payload = stream_event(req, frame_job, b64, index=index, progress=progress)
+                    yield _sse("image_generation.partial_image", payload)
                 continue
             image = event[2]
+            # One render of the final grid serves the completed image and any partial images the stream
+            # still owes (decoding outran it): they are the same pixels.
+            (b64,) = await service.render(image.grid[None], req)
             while sent[job.index] < req.partial_images:  # the promised count, even if decoding outran us
-                (b64,) = await service.render(image.grid[None], req)
                 payload = stream_event(req, job, b64, index=sent[job.index], progress=decoding_progress(job))
                 yield _sse("image_generation.partial_image", payload)
                 sent[job.index] += 1
-            (b64,) = await service.render(image.grid[None], req)
             progress = decoding_progress(job, stats=image.stats)
             payload = stream_event(req, job, b64, usage=usage, progress=progress)
             if req.return_tokens:
@@ -139,6 +150,27 @@ async def _events(
         if not producer.done():
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+
+
+def partial_run(first: tuple, backlog: deque, queue: asyncio.Queue) -> list[tuple]:
+    """`first` and the partial-image events right behind it, oldest first, at most MAX_FRAMES_PER_RENDER:
+    the frames this stream fell behind on, rendered in one VQ batch. Whatever else had arrived stays in
+    `backlog`, in order.
+
+    Each streamed frame is a VQ decode on the one pixel thread, which the streams take in turns (each
+    waits for its own render): a stream whose frames come fast (ZipAR's, several cells per pass) fell
+    further behind with every frame and finished well after its engine did. A backlog taken in one turn
+    is one batched decode, cheaper per frame than one call each (docs/serving.md, "Streaming"), and sends
+    the same frames in the same order."""
+    while True:
+        try:
+            backlog.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            break
+    frames = [first]
+    while backlog and backlog[0][0] == "partial" and len(frames) < MAX_FRAMES_PER_RENDER:
+        frames.append(backlog.popleft())
+    return frames
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
