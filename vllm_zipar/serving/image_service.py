@@ -24,7 +24,6 @@ from vllm_zipar.models.image_model import ImageModel
 from vllm_zipar.models.image_prompts import ImageSize
 from vllm_zipar.models.prompt_error import PromptError
 from vllm_zipar.models.registry import NotAnImageModel, load_image_model
-from vllm_zipar.serving.admission import AdmissionTurnstile
 from vllm_zipar.serving.image_requests import ImageRequests
 from vllm_zipar.serving.images_protocol import (
     ImageAPIError,
@@ -105,7 +104,6 @@ class ImageService:
         self.pixels = PixelRenderer(model)
         self.log = route_logger()
         self.lifecycle = RouteLifecycle(engine_client, self.log)
-        self.admission = AdmissionTurnstile()
 
     @classmethod
     def from_engine(cls, engine_client: Any, args: Any) -> ImageService | None:
@@ -183,7 +181,6 @@ class ImageService:
     ) -> FinishedImage:
         start = time.perf_counter()
         final = None
-        await self.admission.wait_turn()
         async for out in self.engine.generate(job.prompt, job.params, job.request_id):
             final = out
             if on_output is not None and not out.finished:
