@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,24 +80,26 @@ async def read_stream(http, body: dict, n: int) -> bool:
     return completed == n
 
 
-async def probe(http, stop: asyncio.Event, begin: float) -> dict[str, list[tuple[float, float]]]:
-    """Read each PROBE_PATHS every PROBE_INTERVAL_S until `stop`: (sent at, latency) per path."""
+def probe(url: str, ready: Any, stop: Any, results: Any) -> None:
+    """Read each PROBE_PATHS every PROBE_INTERVAL_S until `stop` is set (`ready` once the first round is
+    done); puts (sent at on `time.monotonic`'s clock, latency) per path on `results`. Runs in a process of
+    its own, with its own connection: sharing the load's client, a probe waited for a free connection of its
+    pool (the whole burst when every connection was busy), and the load's JSON parsing delayed its clock."""
     import httpx
 
     seen: dict[str, list[tuple[float, float]]] = {path: [] for path in PROBE_PATHS}
-    while not stop.is_set():
-        for path in PROBE_PATHS:
-            start = time.perf_counter()
-            try:
-                await http.get(path)
-            except httpx.HTTPError:
-                pass
-            seen[path].append((start - begin, time.perf_counter() - start))
-        try:
-            await asyncio.wait_for(stop.wait(), PROBE_INTERVAL_S)
-        except TimeoutError:
-            pass
-    return seen
+    with httpx.Client(base_url=url, timeout=600) as http:
+        while not stop.is_set():
+            for path in PROBE_PATHS:
+                start = time.monotonic()
+                try:
+                    http.get(path)
+                except httpx.HTTPError:
+                    pass
+                seen[path].append((start, time.monotonic() - start))
+            ready.set()
+            stop.wait(PROBE_INTERVAL_S)
+    results.put(seen)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,13 +172,25 @@ async def run_load(
                     good_finished.append(now)
                     streamed.append(profile == "burst" and i % 2 == 1)
 
-        begin = time.perf_counter()
-        stop = asyncio.Event()
-        probing = asyncio.create_task(probe(http, stop, begin)) if profile == "burst" else None
+        context = multiprocessing.get_context("spawn")
+        ready, stop, results = context.Event(), context.Event(), context.Queue()
+        prober = None
+        if profile == "burst":  # probing from the burst's first instant on
+            prober = context.Process(target=probe, args=(url, ready, stop, results), daemon=True)
+            prober.start()
+            ready.wait(120)
+        begin, begin_monotonic = time.perf_counter(), time.monotonic()  # the same clock on Linux
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - begin
         stop.set()
-        probes = await probing if probing is not None else {}
+        probes = {}
+        if prober is not None:
+            seen = results.get(timeout=660)
+            prober.join()
+            probes = {
+                path: [(sent - begin_monotonic, wait) for sent, wait in rounds if sent >= begin_monotonic]
+                for path, rounds in seen.items()
+            }
     return {
         "statuses": statuses,
         "good_latencies_s": good_latencies,
