@@ -4,10 +4,10 @@ vLLM 0.32's `serve_http` (`vllm/entrypoints/launchers/launcher.py`) installs one
 SIGTERM on the event loop: it stops the engine client at once (`--shutdown-timeout 0`) under the open HTTP
 requests, which then hung or failed with the engine's own error, or (with a timeout) drains the engine while
 new requests get 500 "cannot schedule new futures after shutdown". Endpoint plugins have no shutdown hook, so
-once `serve_http` has installed its handlers (it sets `app.state.server` just before) and uvicorn has
-started (its own `capture_signals` comes first), both signals go to ours. They end the way vLLM's watchdog
-does on engine death, by setting uvicorn's `should_exit`: `serve_http` returns and vLLM's engine-client
-context manager shuts the engine down (`build_async_engine_client`).
+once `serve_http` has installed its handlers (it sets `app.state.server` just before) both signals go
+to ours. They end the way vLLM's watchdog does on engine death, by setting uvicorn's `should_exit`:
+`serve_http` returns and vLLM's engine-client context manager shuts the engine down
+(`build_async_engine_client`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ async def take_over_shutdown_signals(
     from vllm_zipar.patches import check_vllm_version
 
     check_vllm_version(__name__, WRITTEN_FOR)
-    # `app.state.server` is set just before `serve_http` creates uvicorn's `serve()` task and its own loop
-    # handlers. That task, once it runs, puts uvicorn's `handle_exit` on both signals (`capture_signals`,
-    # with `signal.signal`): installed before it, ours would run together with uvicorn's, which closes the
-    # listening socket at once (arrivals during the drain were refused instead of getting 503). uvicorn is
-    # `started` only after `capture_signals`, so ours replace both.
-    while getattr(state, "server", None) is None or not getattr(state.server, "started", False):
+    # `app.state.server` is set in the same synchronous stretch as the handlers; by the time this task
+    # runs again after seeing it, `serve_http` is awaiting its server and the handlers are in place.
+    while getattr(state, "server", None) is None:
         await asyncio.sleep(POLL_SECONDS)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
